@@ -1,0 +1,52 @@
+# Two services, one run directory:  make train  (terminal 1)   make eval  (terminal 2)
+# CONFIG=config/x.yaml picks the config (default: config/default.yaml, the embedded CPU demo);
+# ARGS="training.learning_rate=1e-5 ..." overrides keys; RUN=runs/x evaluates an existing run and exits
+# (WATCH=1 keeps watching); CKPT=path evaluates one checkpoint folder and exits.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# On a machine without an NVIDIA GPU the CPU build of torch is enough (and ~5 GB smaller).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
+
+CONFIG ?=
+ARGS   ?=
+RUN    ?=
+CKPT   ?=
+WATCH  ?=
+config_flag := $(if $(CONFIG),--config $(CONFIG))
+
+.PHONY: setup train eval demo test test-gpu gpu-check bench clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install -q "$(TORCH_SPEC)" || true)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m trainer $(config_flag) $(ARGS)
+
+eval: setup
+	$(PY) -m evaluator $(config_flag) $(if $(CKPT),--ckpt $(CKPT)) $(if $(RUN),--run $(RUN) $(if $(WATCH),,--once)) $(ARGS)
+
+demo: setup
+	$(PY) -m shared.demo $(config_flag) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+gpu-check: setup
+	$(PY) -m bench.gpu_check $(config_flag)
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,70 @@
+"""`python -m evaluator`: evaluate a run's checkpoints as they are published.
+
+    python -m evaluator [--config C] [key=value ...]          watch the config's run (Ctrl-C to stop)
+    python -m evaluator --run runs/x [--once]                 a given run; --once: what is there, then exit
+    python -m evaluator --ckpt runs/x/checkpoints/step_N      one checkpoint (or any model folder), then exit
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shared.config import ConfigError, load_config
+from shared.data import DataError
+from shared.launch import UsageError, pin_gpus, run_main
+from shared.protocol import CheckpointInvalid, RunLayout
+
+
+def _config_path(args) -> Path | None:
+    """The given config, else the one the trainer saved in the run being evaluated, else the default."""
+    if args.config:
+        return Path(args.config)
+    run_dir = Path(args.run) if args.run else (Path(args.ckpt).parent.parent if args.ckpt else None)
+    if run_dir is not None and RunLayout(run_dir).config_path.is_file():
+        return RunLayout(run_dir).config_path
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: the run's saved config, else config/default.yaml)")
+    parser.add_argument("--run", default=None, help="run directory to evaluate (default: the config's runs_dir/run_name)")
+    parser.add_argument("--ckpt", default=None, help="evaluate this one checkpoint or model folder and exit")
+    parser.add_argument("--out", default=None, help="with --ckpt: where to write results (default: the run's eval folder, or beside the folder)")
+    parser.add_argument("--once", action="store_true", help="evaluate every checkpoint not yet evaluated, oldest first, then exit")
+    parser.add_argument("--force", action="store_true", help="evaluate again checkpoints that already have results")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluation.num_samples=500")
+    args = parser.parse_args()
+    if args.ckpt and args.run:
+        raise UsageError("give --ckpt or --run, not both")
+    cfg = load_config(_config_path(args), args.overrides)
+    if args.ckpt and not Path(args.ckpt).is_dir():
+        raise UsageError(f"--ckpt {args.ckpt}: no such directory")
+    run_dir = Path(args.run) if args.run else cfg.run_dir
+    print(f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}")
+
+    from evaluator.backends import EngineError, make_backend
+    from evaluator.service import Evaluator, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
+    from shared.tracking import Tracker
+
+    install_stop_handlers()
+    out_dir = results_dir_for(cfg, Path(args.ckpt), args.out) if args.ckpt else RunLayout(run_dir).eval_dir(cfg.evaluation.name)
+    backend = make_backend(cfg.evaluation, cfg.model.trust_remote_code)
+    tracker = Tracker(cfg, "eval", "train_step", out_dir)
+    evaluator = Evaluator(cfg, backend, tracker)
+    try:
+        if args.ckpt:
+            evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
+            return 0
+        return serve_run(cfg, run_dir, evaluator, once=args.once, force=args.force)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        evaluator.close()
+        tracker.finish()
+
+
+if __name__ == "__main__":
+    run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError))

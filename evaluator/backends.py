@@ -1,0 +1,268 @@
+"""Generation engines. One engine per evaluator process, created once; checkpoints are swapped in.
+
+Both backends take the same sampling settings and return the same `Generation`s, so metrics do not
+depend on the backend beyond sampling noise. The engine is rebuilt only when a checkpoint's
+architecture or tokenizer differs from the loaded one (`model_signature`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from shared.config import EvaluationConfig
+
+SUPPORTED_VLLM = ("0.26.",)
+"""vLLM versions whose in-place reload (collective_rpc reload_weights) this code was checked with."""
+
+
+class EngineError(RuntimeError):
+    """The engine could not load or run a checkpoint; the message names the path."""
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int
+    truncated: bool
+    """Stopped by max_tokens rather than a stop string or end of sequence."""
+
+
+def model_signature(ckpt_dir: Path) -> str:
+    """Architecture + tokenizer identity: equal signatures can swap weights in place."""
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        if (ckpt_dir / name).is_file():
+            h.update(name.encode() + (ckpt_dir / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to and including the first stop string; whether one was found."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, False
+    pos, stop = min(hits)
+    return text[: pos + len(stop)], True
+
+
+class HFBackend:
+    """transformers `generate`, batched, left-padded. For CPUs and machines without vLLM."""
+
+    name = "hf"
+
+    def __init__(self, cfg: EvaluationConfig, trust_remote_code: bool):
+        import torch
+
+        self.cfg = cfg
+        self.trust_remote_code = trust_remote_code
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = None
+        self.tokenizer = None
+        self.signature: str | None = None
+
+    def load(self, ckpt_dir: Path) -> str:
+        """Load `ckpt_dir`; returns 'in-place' or 'new-engine'."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        signature = model_signature(ckpt_dir)
+        try:
+            if signature == self.signature:
+                state = _read_safetensors(ckpt_dir)
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+                real_missing = [m for m in missing if not _is_tied(self.model, m)]
+                if real_missing or unexpected:
+                    raise EngineError(f"{ckpt_dir}: weights do not match the loaded model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+                return "in-place"
+            self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=self.trust_remote_code, padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                ckpt_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
+            ).to(self.device).eval()
+            self.signature = signature
+            return "new-engine"
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.signature = None
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"{ckpt_dir}: cannot load model: {exc}") from exc
+
+    def generate(self, prompts: list[str], progress: Callable[[int], None] | None = None) -> list[Generation]:
+        import torch
+
+        cfg, tok = self.cfg, self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.temperature > 0 else dict(do_sample=False)
+        torch.manual_seed(cfg.seed)
+        results = []
+        for i in range(0, len(prompts), cfg.hf_batch_size):
+            batch = prompts[i : i + cfg.hf_batch_size]
+            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    **enc, max_new_tokens=cfg.max_tokens, stop_strings=cfg.stop or None, tokenizer=tok,
+                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id, **sampling,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            for row in new:
+                ids = row.tolist()
+                # Generation ends at EOS or pad; both are outside the response.
+                for end, t in enumerate(ids):
+                    if t in (pad_id, tok.eos_token_id):
+                        ids = ids[:end]
+                        ended = True
+                        break
+                else:
+                    ended = False
+                text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), cfg.stop)
+                results.append(Generation(text, len(ids), truncated=not (stopped or ended) and len(ids) >= cfg.max_tokens))
+            if progress:
+                progress(len(batch))
+        return results
+
+    def fingerprint(self, prompt: str) -> list[float]:
+        """Log-probs the model gives the tokens of `prompt`: changes whenever the weights change."""
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(ids).logits.float(), dim=-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        return [round(float(x), 6) for x in logp[:32]]
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _is_tied(model, name: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return name in (tied.keys() if isinstance(tied, dict) else tied)
+
+
+def _read_safetensors(ckpt_dir: Path):
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"{ckpt_dir}: no .safetensors weights (only safetensors are loaded, for safety)")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+class VLLMBackend:
+    """One persistent vLLM engine in this process; new checkpoints are reloaded into it in place."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: EvaluationConfig, trust_remote_code: bool, num_gpus: int):
+        # The engine runs in this process: a separate engine process hung at start-up on the GPU
+        # machines we tested (see README); FlashInfer's sampler is not always installed.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        try:
+            import vllm
+        except ImportError as exc:
+            raise EngineError(f"evaluation.backend=vllm but vLLM cannot be imported ({exc}); install the 'vllm' extra or use backend=hf") from None
+        if not vllm.__version__.startswith(SUPPORTED_VLLM):
+            raise EngineError(f"vLLM {vllm.__version__} is not supported (supported: {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); "
+                              "its in-place weight reload differs between versions")
+        self.vllm = vllm
+        self.cfg = cfg
+        self.trust_remote_code = trust_remote_code
+        self.num_gpus = num_gpus
+        self.llm = None
+        self.signature: str | None = None
+
+    def _max_model_len(self, ckpt_dir: Path) -> int:
+        if self.cfg.max_model_len:
+            return self.cfg.max_model_len
+        config = json.loads((ckpt_dir / "config.json").read_text())
+        limit = config.get("max_position_embeddings") or 4096
+        return min(limit, max(1024, -(-(self.cfg.max_tokens + 1024) // 256) * 256))
+
+    def load(self, ckpt_dir: Path) -> str:
+        signature = model_signature(ckpt_dir)
+        try:
+            if self.llm is not None and signature == self.signature:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(ckpt_dir)})
+                # Cached KV blocks were computed with the old weights.
+                self.llm.reset_prefix_cache()
+                return "in-place"
+            self.close()
+            self.llm = self.vllm.LLM(
+                model=str(ckpt_dir), tokenizer=str(ckpt_dir), dtype="bfloat16", seed=self.cfg.seed,
+                gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_model_len=self._max_model_len(ckpt_dir),
+                tensor_parallel_size=self.num_gpus, trust_remote_code=self.trust_remote_code,
+                enable_prefix_caching=True, load_format="safetensors",
+            )
+            self.signature = signature
+            return "new-engine"
+        except EngineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many types; all mean "cannot load"
+            self.signature = None
+            raise EngineError(f"{ckpt_dir}: vLLM cannot load it: {exc}") from exc
+
+    def generate(self, prompts: list[str], progress: Callable[[int], None] | None = None) -> list[Generation]:
+        cfg = self.cfg
+        params = [
+            self.vllm.SamplingParams(
+                n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=cfg.stop or None,
+                include_stop_str_in_output=True, seed=cfg.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if progress:
+            progress(len(prompts))
+        results = []
+        for out in outputs:
+            c = out.outputs[0]
+            text, _ = cut_at_stop(c.text, cfg.stop)
+            results.append(Generation(text, len(c.token_ids), truncated=c.finish_reason == "length"))
+        return results
+
+    def fingerprint(self, prompt: str) -> list[float]:
+        tok = self.llm.get_tokenizer()
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        out = self.llm.generate([{"prompt_token_ids": ids}], self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        return [round(float(d[t].logprob), 6) for d, t in zip(out.prompt_logprobs[1:33], ids[1:33])]
+
+    def close(self) -> None:
+        if self.llm is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+            self.llm = None
+
+
+def vllm_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def make_backend(cfg: EvaluationConfig, trust_remote_code: bool):
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    choice = cfg.backend
+    if choice == "auto":
+        choice = "vllm" if num_gpus > 0 and vllm_available() else "hf"
+    if choice == "vllm":
+        if num_gpus == 0:
+            raise EngineError("evaluation.backend=vllm needs a GPU and none is visible; use evaluation.backend=hf")
+        return VLLMBackend(cfg, trust_remote_code, num_gpus)
+    return HFBackend(cfg, trust_remote_code)

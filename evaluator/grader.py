@@ -1,0 +1,342 @@
+"""Math answer grading for r1_zero responses: exact, fast, and never hangs.
+
+Pipeline for one (response, ground truth):
+1. Format: `</think> <answer>` followed later by `</answer>`; the answer is the text between the tags
+   (the last \\boxed{} inside them when there is one).
+2. Cheap normalisation of both sides (LaTeX spacing and sizing, units, dollars, percent, degrees,
+   thousands separators, unicode minus, choice letters), then string and numeric comparison.
+3. Symbolic comparison with math-verify (sympy) for everything else: fractions, roots, pi,
+   intervals, sets, tuples, matrices, equations, algebraic identities.
+
+Bounding: math-verify's own timeout uses signal.alarm, which only works in a main thread. We switch
+it off and bound every grade ourselves: in a process's main thread with an interval timer, and
+always, in `GraderPool`, by killing a worker that overruns (sympy can sit in C code that no signal
+interrupts). A grade that times out or raises counts as wrong and is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from multiprocessing.connection import wait as wait_connections
+from typing import Callable, Iterator
+
+MAX_ANSWER_CHARS = 1000
+"""Answers longer than this are not parsed symbolically (they are garbage or a proof, not an answer)."""
+
+_FORMAT_OPEN = "</think> <answer>"
+_ZERO = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+
+
+class GradeTimeout(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def extract_answer(response: str) -> str | None:
+    """Answer text of a well-formatted response, else None."""
+    start = response.find(_FORMAT_OPEN)
+    if start < 0:
+        return None
+    body_start = start + len(_FORMAT_OPEN)
+    end = response.find("</answer>", body_start)
+    if end < 0:
+        return None
+    answer = response[body_start:end]
+    boxed = _last_boxed(answer)
+    return boxed if boxed is not None else answer
+
+
+def _last_boxed(text: str) -> str | None:
+    from shared.data import last_boxed
+
+    return last_boxed(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation (string level, cheap)
+
+_UNIT_WORDS = (
+    "cm|centimeters?|centimetres?|mm|millimeters?|km|kilometers?|m|meters?|metres?|inch|inches|in|ft|feet|foot|yards?|yd|miles?|mi|"
+    "g|grams?|kg|kilograms?|mg|lbs?|pounds?|oz|ounces?|tons?|ml|mL|l|L|liters?|litres?|gallons?|gal|cups?|"
+    "s|sec|seconds?|min|minutes?|h|hr|hrs|hours?|days?|weeks?|months?|years?|"
+    "dollars?|cents?|units?|sq|square|cubic|degrees?|deg|mph|kph|percent|points?|people|persons?|students?|"
+    "apples?|books?|coins?|cards?|pens?|shells?|stamps?|marbles?|items?|pieces?|times|ways"
+)
+_TRAILING_UNIT = re.compile(rf"^(.*?\d[\d.,/]*)\s*(?:\\(?:text|mbox|mathrm)\{{\s*)?(?:{_UNIT_WORDS})(?:\^?\{{?[23]\}}?)?\s*\}}?\.?$")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|operatorname)\s*\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_THOUSANDS_LATEX = re.compile(r"^[-+]?\d{1,3}(?:\{,\}\d{3})+(?:\.\d+)?$")
+_SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:(?:\\,|\\ |~|\s)\d{3})+(?:\.\d+)?$")
+_NUMBER_DEGREES = re.compile(r"^([-+]?[\d.]+)\s*(?:\^\s*\{?\\circ\}?|\\circ|\\degree|\^\{\\text\{o\}\})$")
+_CHOICE = re.compile(r"^\(?([A-Ea-e])\)?$")
+_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+_SIMPLE_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{?(\d+)\}?\{?(\d+)\}?$|^([-+]?)(\d+)/(\d+)$")
+
+
+def normalize(answer: str) -> str:
+    s = answer.strip()
+    s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00b0", "^\\circ").replace("\u03c0", "\\pi")
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?=[\s(\[\]{}|.)\\])\s*\\?\.?", "", s) if "\\left" in s or "\\right" in s or "\\big" in s.lower() else s
+    s = re.sub(r"\\,|\\ |~|\s", "", s) if _SPACED_THOUSANDS.match(s) else re.sub(r"(?<!\\)\\[,!;:> ]|\\q?quad", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).strip()
+    # Degrees, percent, dollars: the reference graders treat 50\% as 50 and $18 as 18.
+    s = _NUMBER_DEGREES.sub(r"\1", s)
+    s = re.sub(r"\\?%|\\percent", "", s)
+    s = re.sub(r"\\\$|\$|\\textdollar|US\$", "", s)
+    unwrapped = _TEXT_WRAPPER.sub(lambda m: m.group(1), s).strip()
+    if _TRAILING_UNIT.match(unwrapped) or _CHOICE.match(unwrapped) or unwrapped.replace(" ", "").isalpha():
+        s = unwrapped  # "5 \text{ cm}", "\text{(B)}", "\text{Monday}": the words are the answer's decoration or the answer
+    unit = _TRAILING_UNIT.match(s)
+    if unit:
+        s = unit.group(1)
+    s = s.strip().rstrip(".").strip()
+    if _THOUSANDS.match(s) or _THOUSANDS_LATEX.match(s):
+        s = s.replace("{,}", "").replace(",", "")
+    choice = _CHOICE.match(s)
+    if choice:
+        s = choice.group(1).upper()
+    return s
+
+
+def _as_number(s: str) -> float | None:
+    if _NUMBER.match(s):
+        return float(s)
+    m = _SIMPLE_FRACTION.match(s)
+    if m:
+        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5), m.group(6))
+        if int(den) == 0:
+            return None
+        value = int(num) / int(den)
+        return -value if sign == "-" else value
+    return None
+
+
+def _numbers_equal(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Symbolic comparison (math-verify + sympy)
+
+_mv = None
+
+
+def _math_verify():
+    global _mv
+    if _mv is None:
+        import math_verify
+
+        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+        _mv = math_verify
+    return _mv
+
+
+def _wrap(s: str) -> str:
+    return s if s.startswith("$") else f"${s}$"
+
+
+def _symbolic_equal(pred: str, gold: str) -> bool:
+    mv = _math_verify()
+    gold_parsed = mv.parse(_wrap(gold), parsing_timeout=None)
+    pred_parsed = mv.parse(_wrap(pred), parsing_timeout=None)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(mv.verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def answers_equivalent(pred: str, gold: str) -> bool:
+    """Is the extracted answer `pred` mathematically equal to the ground truth `gold`?"""
+    p, g = normalize(pred), normalize(gold)
+    if not p or not g:
+        return False
+    if p == g:
+        return True
+    pn, gn = _as_number(p), _as_number(g)
+    if pn is not None and gn is not None:
+        return _numbers_equal(pn, gn)
+    if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
+        return False
+    if _CHOICE.match(g) and len(g) == 1 and g.isalpha():
+        return p == g  # a choice letter: only the same letter is right
+    return _symbolic_equal(p, g)
+
+
+def grade(response: str, ground_truth: str | list[str]) -> dict[str, float]:
+    """Unbounded grade; callers bound it (see r1_zero_reward, GraderPool)."""
+    answer = extract_answer(response)
+    if answer is None:
+        return dict(_ZERO)
+    truths = ground_truth if isinstance(ground_truth, list) else [ground_truth]
+    correct = any(answers_equivalent(answer, str(t)) for t in truths)
+    return {"format_reward": 1.0, "answer_reward": float(correct), "reward": float(correct)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded grading
+
+
+@contextmanager
+def _alarm(timeout_s: float) -> Iterator[None]:
+    def on_alarm(signum, frame):
+        raise GradeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _grade_in_main_thread(response: str, ground_truth, timeout_s: float) -> tuple[dict[str, float], str | None]:
+    """(rewards, None | 'timeout' | 'error')."""
+    answer = extract_answer(response)
+    if answer is None:
+        return dict(_ZERO), None
+    try:
+        with _alarm(timeout_s):
+            return grade(response, ground_truth), None
+    except GradeTimeout:
+        return {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}, "timeout"
+    except Exception:  # noqa: BLE001 - a parser bug must not stop an evaluation
+        return {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}, "error"
+
+
+def r1_zero_reward(response: str, ground_truth: str | list[str], timeout_s: float = 5.0) -> dict[str, float]:
+    """{format_reward, answer_reward, reward} for a response generated after the r1_zero prompt.
+    Bounded by `timeout_s` from any thread (off the main thread it grades in a helper process)."""
+    if threading.current_thread() is threading.main_thread():
+        return _grade_in_main_thread(response, ground_truth, timeout_s)[0]
+    return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
+
+
+_SHARED: dict[float, "GraderPool"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_pool(timeout_s: float) -> "GraderPool":
+    with _SHARED_LOCK:
+        if timeout_s not in _SHARED:
+            _SHARED[timeout_s] = GraderPool(1, timeout_s)
+        return _SHARED[timeout_s]
+
+
+def _worker(conn, timeout_s: float) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; it stops us
+    _math_verify()
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        index, response, ground_truth = task
+        rewards, problem = _grade_in_main_thread(response, ground_truth, timeout_s)
+        conn.send((index, rewards, problem))
+
+
+class GraderPool:
+    """Worker processes that grade in parallel; results in input order. A worker that overruns its
+    bound (stuck in C code) is killed and replaced, and that case counts as a timeout."""
+
+    KILL_GRACE_S = 1.0
+
+    def __init__(self, num_workers: int | None, timeout_s: float):
+        self.num_workers = num_workers or os.cpu_count() or 1
+        self.timeout_s = timeout_s
+        # spawn: forking a process that runs threads (vLLM, watchdog) can deadlock the child.
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[tuple] = [self._spawn() for _ in range(self.num_workers)]
+        self._lock = threading.Lock()
+
+    def _spawn(self):
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker, args=(child, self.timeout_s), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def grade(self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, float]], dict[str, int]]:
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        with self._lock:
+            return self._grade(responses, ground_truths, progress)
+
+    def _grade(self, responses, ground_truths, progress):
+        results: list[dict[str, float] | None] = [None] * len(responses)
+        stats = {"grader_timeouts": 0, "grader_errors": 0}
+        todo = []
+        for i, (r, gt) in enumerate(zip(responses, ground_truths)):
+            if extract_answer(r) is None:  # badly formatted: no need to leave this process
+                results[i] = dict(_ZERO)
+            else:
+                todo.append(i)
+        if progress and len(todo) < len(responses):
+            progress(len(responses) - len(todo))
+        todo.reverse()
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (task index, deadline)
+        while todo or busy:
+            for slot in range(self.num_workers):
+                if slot not in busy and todo:
+                    i = todo.pop()
+                    self._workers[slot][1].send((i, responses[i], ground_truths[i]))
+                    busy[slot] = (i, time.monotonic() + self.timeout_s + self.KILL_GRACE_S)
+            conns = {self._workers[slot][1]: slot for slot in busy}
+            ready = wait_connections(list(conns), timeout=max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
+            for conn in ready:
+                slot = conns[conn]
+                try:
+                    index, rewards, problem = conn.recv()
+                except (EOFError, OSError):  # the worker died (e.g. out of memory)
+                    index, rewards, problem = busy[slot][0], None, "error"
+                    self._replace(slot)
+                results[index] = rewards or {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+                if problem:
+                    stats["grader_timeouts" if problem == "timeout" else "grader_errors"] += 1
+                del busy[slot]
+                if progress:
+                    progress(1)
+            now = time.monotonic()
+            for slot, (index, deadline) in list(busy.items()):
+                if now > deadline:
+                    self._replace(slot)
+                    results[index] = {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+                    stats["grader_timeouts"] += 1
+                    del busy[slot]
+                    if progress:
+                        progress(1)
+        return results, stats
+
+    def _replace(self, slot: int) -> None:
+        proc, conn = self._workers[slot]
+        proc.kill()
+        proc.join()
+        conn.close()
+        self._workers[slot] = self._spawn()
+
+    def close(self) -> None:
+        for proc, conn in self._workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc, conn in self._workers:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+        self._workers = []

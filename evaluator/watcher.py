@@ -1,0 +1,77 @@
+"""Filesystem events as wake-up calls for the evaluator's main loop.
+
+An event is a hint that something under the checkpoint folder changed, never a statement of what:
+inotify reports `step_N/READY` created before the rename of `.tmp_step_N` that put it there, loses
+events when its queue overflows, and sees nothing on network filesystems. So the handler only
+wakes the main loop, which then looks at the disk (and rescans every `rescan_s` regardless).
+The handler runs in the observer's thread and must never do work there.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from shared.protocol import READY, TMP_PREFIX
+
+_WATCH_LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
+
+
+class _WakeHandler(FileSystemEventHandler):
+    def __init__(self, wake: queue.Queue):
+        self.wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = [event.src_path, getattr(event, "dest_path", "") or ""]
+        names = [Path(p if isinstance(p, str) else p.decode()).name for p in paths if p]
+        # READY appearing (created or moved into place) or a step folder renamed into place.
+        if any(n == READY or (n.startswith("step_") and not n.startswith(TMP_PREFIX)) for n in names):
+            try:
+                self.wake.put_nowait(event.event_type)
+            except queue.Full:
+                pass  # a wake-up is already pending; the loop rescans the disk anyway
+
+
+class CheckpointWatcher:
+    """Watches `directory` recursively; `wait(timeout_s)` returns when something may have changed."""
+
+    def __init__(self, directory: Path, kind: str, polling_interval_s: float = 1.0):
+        self.directory = directory
+        self.wake: queue.Queue = queue.Queue(maxsize=1)
+        self.kind, self.observer = self._start(kind, polling_interval_s)
+
+    def _start(self, kind: str, polling_interval_s: float) -> tuple[str, BaseObserver]:
+        if kind in ("auto", "inotify"):
+            from watchdog.observers import Observer
+
+            observer = Observer()
+            try:
+                observer.schedule(_WakeHandler(self.wake), str(self.directory), recursive=True)
+                observer.start()
+                return "native", observer
+            except OSError as exc:
+                if exc.errno not in _WATCH_LIMIT_ERRNOS:
+                    raise
+                print(f"warning: cannot watch {self.directory} with inotify ({exc.strerror}; "
+                      "raise fs.inotify.max_user_watches to fix): falling back to polling")
+        observer = PollingObserver(timeout=polling_interval_s)
+        observer.schedule(_WakeHandler(self.wake), str(self.directory), recursive=True)
+        observer.start()
+        return "polling", observer
+
+    def wait(self, timeout_s: float) -> bool:
+        """True if an event arrived, False on timeout (time for a rescan)."""
+        try:
+            self.wake.get(timeout=timeout_s)
+            return True
+        except queue.Empty:
+            return False
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)

@@ -1,0 +1,384 @@
+"""Typed run configuration shared by the trainer and the evaluator.
+
+One YAML file describes a whole run (model, data, training, evaluation, logging), so
+`make train CONFIG=x.yaml` and `make eval CONFIG=x.yaml` agree on the run directory and
+on the data without passing anything between them. Every field has a docstring (the
+string literal under it); `load_config` validates types and values and names the key of
+anything wrong. This module must not import torch or vllm: the evaluator's watcher, the
+Makefile helpers and the tests import it on machines where neither is usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+
+EMBEDDED_MODEL = "embedded:tiny-qwen2"
+"""`model.path` value that builds the tiny Qwen2 model and tokenizer in code."""
+
+EMBEDDED_DATA = "embedded:arithmetic"
+"""`*.data.path` value that generates arithmetic word problems in code."""
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and key."""
+
+
+@dataclass
+class DatasetConfig:
+    path: str = EMBEDDED_DATA
+    """A JSONL file, `embedded:arithmetic`, or `hf:<name>` (needs the network)."""
+    format: Literal["auto", "sft", "math", "gsm8k"] = "auto"
+    """Record layout: sft {prompt, response}, math {problem, solution, answer?}, gsm8k {question, answer}; auto detects it from the first record."""
+    split: str = "train"
+    """Split for `embedded:` and `hf:` sources (embedded: train or test); ignored for files."""
+    num_examples: int | None = None
+    """Generated examples for `embedded:` sources, or a cap on the records read from files; null = all (embedded: 20000 train / 500 test)."""
+
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: must not be empty")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ConfigError(f"{key}.num_examples: must be >= 1, got {self.num_examples}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """Local Hugging Face model folder, a hub name (needs the network), or `embedded:tiny-qwen2`."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off by default: it executes arbitrary Python."""
+    embedded_hidden_size: int = 128
+    """Hidden size of the embedded tiny model (only for `embedded:tiny-qwen2`)."""
+    embedded_num_layers: int = 2
+    """Transformer layers of the embedded tiny model."""
+    embedded_vocab_size: int = 512
+    """BPE vocabulary size of the embedded tokenizer, trained in code on the prompt and generated data."""
+
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: must not be empty")
+        if self.embedded_hidden_size % 64:
+            raise ConfigError(f"{key}.embedded_hidden_size: must be a multiple of 64 (head size), got {self.embedded_hidden_size}")
+        if self.embedded_num_layers < 1:
+            raise ConfigError(f"{key}.embedded_num_layers: must be >= 1, got {self.embedded_num_layers}")
+        if self.embedded_vocab_size < 300:
+            raise ConfigError(f"{key}.embedded_vocab_size: must be >= 300 (256 bytes + specials), got {self.embedded_vocab_size}")
+
+
+@dataclass
+class TrainingConfig:
+    gpus: list[int] = field(default_factory=lambda: [0])
+    """GPU indices for the trainer (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no GPU."""
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    """Training set: prompt/response pairs."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 32
+    """Examples per optimizer step (global batch)."""
+    micro_batch_size: int = 32
+    """Examples per forward/backward pass; batch_size / micro_batch_size = gradient accumulation steps."""
+    max_seq_len: int = 1024
+    """Prompt + response tokens kept per example; longer examples are truncated from the right."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at learning_rate * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (global L2 norm)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Parameter and compute dtype: auto = bfloat16 on GPU, float32 on CPU."""
+    seed: int = 0
+    """Seed for model init (embedded model), data order and dropout."""
+    eval_every: int = 500
+    """Publish a checkpoint every this many steps (and at the last step)."""
+    keep_last: int | None = None
+    """Checkpoints to keep on disk; null = all. Never deletes one an evaluator holds or still needs."""
+    log_every: int = 1
+    """Print and log training metrics every this many steps."""
+    num_threads: int | None = None
+    """CPU threads for torch (null = torch's default). Only matters on CPU."""
+
+    def validate(self, key: str) -> None:
+        _positive(key, self, "max_steps", "batch_size", "micro_batch_size", "max_seq_len", "eval_every", "log_every")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"{key}.batch_size ({self.batch_size}) must be a multiple of {key}.micro_batch_size ({self.micro_batch_size})"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{key}.learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{key}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ConfigError(f"{key}.warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"{key}.adam_betas: must be two numbers in [0, 1), got {self.adam_betas}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"{key}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"{key}.keep_last: must be >= 1 or null (keep all), got {self.keep_last}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"{key}.num_threads: must be >= 1 or null, got {self.num_threads}")
+        _gpu_list(key, "gpus", self.gpus)
+        self.data.validate(f"{key}.data")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass
+class EvaluationConfig:
+    name: str = "default"
+    """Name of this evaluation; results go to runs/<run>/eval/<name>/, so several evaluations of one run can coexist."""
+    gpus: list[int] = field(default_factory=lambda: [1])
+    """GPU indices for the evaluator (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no GPU."""
+    data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
+    """Evaluation set (held out from training)."""
+    num_samples: int | None = 100
+    """Fixed, seeded subset of the evaluation set used for every checkpoint; null = all."""
+    seed: int = 0
+    """Seed for the subset and for sampling."""
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    """Generation engine: vllm where a GPU and vLLM are present (auto), else transformers (hf)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_tokens: int = 1024
+    """Most tokens generated per response; hitting it counts as truncated."""
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    """Stop strings; the matched stop string is kept in the response."""
+    hf_batch_size: int = 64
+    """Prompts per transformers generate() call (hf backend)."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of the evaluator GPU's memory vLLM may use."""
+    max_model_len: int | None = None
+    """vLLM context length; null = prompt + max_tokens rounded up, capped at the model's."""
+    grader_timeout_s: float = 5.0
+    """Wall-clock bound on grading one response; a timeout counts as wrong."""
+    num_grader_workers: int | None = None
+    """Processes that grade in parallel; null = all cores."""
+    observer: Literal["auto", "inotify", "polling"] = "auto"
+    """How new checkpoints are noticed: auto = the OS's native watcher, polling on failure. Use polling on network filesystems."""
+    rescan_s: float = 30.0
+    """Rescan the checkpoint folder this often whatever the watcher says (covers lost events)."""
+    backfill: bool = False
+    """Evaluate checkpoints passed over for a newer one, newest first, whenever nothing newer waits."""
+    num_logged_samples: int = 8
+    """Sample generations logged to W&B per checkpoint."""
+
+    def validate(self, key: str) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"{key}.name: must be a plain folder name, got {self.name!r}")
+        _positive(key, self, "max_tokens", "hf_batch_size", "rescan_s", "grader_timeout_s")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"{key}.num_samples: must be >= 1 or null (all), got {self.num_samples}")
+        if self.temperature < 0:
+            raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_grader_workers is not None and self.num_grader_workers < 1:
+            raise ConfigError(f"{key}.num_grader_workers: must be >= 1 or null, got {self.num_grader_workers}")
+        _gpu_list(key, "gpus", self.gpus)
+        self.data.validate(f"{key}.data")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = online when W&B credentials exist, else offline (files under the run directory)."""
+    project: str = "math-sft"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null = your default."""
+    group: str | None = None
+    """W&B group joining the trainer's and evaluator's runs; null = the run name."""
+
+    def validate(self, key: str) -> None:
+        if not self.project:
+            raise ConfigError(f"{key}.project: must not be empty")
+
+
+@dataclass
+class Config:
+    run_name: str = "demo"
+    """Name of the run; everything it writes lives in <runs_dir>/<run_name>/."""
+    runs_dir: str = "runs"
+    """Folder holding run directories (relative paths are relative to the working directory)."""
+    prompt_template: str = "prompts/r1_zero.prompt"
+    """Prompt template file with a {question} placeholder (relative to the repository when not found as given)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Trainer settings."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Evaluator settings."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+    def validate(self) -> None:
+        if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
+            raise ConfigError(f"run_name: must be a plain folder name, got {self.run_name!r}")
+        self.model.validate("model")
+        self.training.validate("training")
+        self.evaluation.validate("evaluation")
+        self.wandb.validate("wandb")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (recorded in manifests and results)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def prompt_template_path(self) -> Path:
+        path = Path(self.prompt_template)
+        if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+            path = REPO_ROOT / path
+        return path
+
+
+def _positive(key: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{key}.{name}: must be > 0, got {value}")
+
+
+def _gpu_list(key: str, name: str, gpus: list[int]) -> None:
+    if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise ConfigError(f"{key}.{name}: must be a non-empty list of distinct GPU indices >= 0, got {gpus}")
+
+
+# --------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{key}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["training.learning_rate=1e-5", "wandb.mode=disabled"]` -> [(key, value)] with YAML-typed values."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. training.learning_rate=1e-5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default: config/default.yaml), apply dotted overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        cfg = _build(Config, data)
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy saved in a run directory)."""
+    cfg = _build(Config, data)
+    cfg.validate()
+    return cfg

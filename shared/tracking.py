@@ -1,0 +1,80 @@
+"""Weights & Biases logging shared by both services, plus a local JSONL copy of every logged row.
+
+Mode `auto` logs online only when credentials exist (WANDB_API_KEY or a netrc entry); otherwise
+offline into <run>/wandb, to be uploaded later with `wandb sync`. The API key is never written
+anywhere by us: the resolved config holds no secret, and W&B reads the key from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from shared.config import Config
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+class Tracker:
+    """One W&B run (or none) and a JSONL log. `x_axis` names the step metric other metrics plot against."""
+
+    def __init__(self, cfg: Config, job_type: str, x_axis: str, out_dir: Path):
+        """Logs go to `out_dir`/<job_type>_log.jsonl and, W&B's files, to `out_dir`/wandb."""
+        self.x_axis = x_axis
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = out_dir / f"{job_type}_log.jsonl"
+        self.mode = resolve_mode(cfg.wandb.mode)
+        self.run = None
+        if self.mode != "disabled":
+            import wandb
+
+            wandb_dir = out_dir / "wandb"
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=cfg.wandb.group or cfg.run_name,
+                job_type=job_type,
+                name=f"{cfg.run_name}-{job_type}",
+                dir=str(wandb_dir),
+                mode=self.mode,
+                config=cfg.to_dict(),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+            self.run.define_metric(x_axis)
+            self.run.define_metric("*", step_metric=x_axis)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], x_value: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows), self.x_axis: x_value})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny config, a trained tiny run to copy, helpers to run the real services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+
+# Small enough that a service starts, trains and evaluates in seconds on one CPU core.
+TINY = {
+    "run_name": "tiny",
+    "prompt_template": str(REPO / "prompts" / "r1_zero.prompt"),
+    "model": {"path": "embedded:tiny-qwen2", "embedded_hidden_size": 64, "embedded_num_layers": 2, "embedded_vocab_size": 400},
+    "training": {
+        "data": {"path": "embedded:arithmetic", "split": "train", "num_examples": 400},
+        "max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "max_seq_len": 128,
+        "learning_rate": 3e-3, "warmup_steps": 2, "eval_every": 2, "num_threads": 1,
+    },
+    "evaluation": {
+        "data": {"path": "embedded:arithmetic", "split": "test", "num_examples": 40},
+        "num_samples": 8, "temperature": 0.0, "max_tokens": 24, "hf_batch_size": 8,
+        "num_grader_workers": 1, "rescan_s": 2.0,
+    },
+    "wandb": {"mode": "disabled"},
+}
+
+
+def deep_update(base: dict, updates: dict) -> dict:
+    out = dict(base)
+    for k, v in updates.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Write a tiny config (with updates) under tmp_path; returns its path. runs_dir is tmp_path/runs."""
+
+    def make(updates: dict | None = None, name: str = "cfg.yaml") -> Path:
+        data = deep_update({**TINY, "runs_dir": str(tmp_path / "runs")}, updates or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def run_service(module: str, *args: str, env_extra: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def start_service(module: str, *args: str, log: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
+                            stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished tiny run (checkpoints at steps 2, 4, 6), trained once per session; copy before changing."""
+    root = tmp_path_factory.mktemp("trained")
+    data = {**TINY, "runs_dir": str(root / "runs")}
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    run_service("trainer", "--config", cfg)
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    dest = tmp_path / "runs" / "tiny"
+    shutil.copytree(trained_run, dest)
+    return dest

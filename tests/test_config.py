@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.config import Config, ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.prompt_template_path().is_file()
+    # The resolved config round-trips (the copy written into a run directory can be read back).
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_real_recipe_has_reference_defaults():
+    cfg = load_config(REPO / "config" / "qwen2.5-math-1.5b.yaml")
+    assert cfg.model.path.endswith("Qwen2.5-Math-1.5B")
+    assert cfg.training.learning_rate == 2e-5
+    assert cfg.training.eval_every == 500
+    assert cfg.training.gpus == [0] and cfg.evaluation.gpus == [1]
+    assert cfg.evaluation.num_samples == 100
+    assert (cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_tokens) == (1.0, 1.0, 1024)
+    assert cfg.evaluation.stop == ["</answer>"]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "training:\n  learning_rat: 0.1\n"))
+    assert "unknown key 'training.learning_rat'" in str(e.value)
+    assert "did you mean 'training.learning_rate'" in str(e.value)
+    assert str(tmp_path / "c.yaml") in str(e.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainig'.*did you mean 'training'"):
+        load_config(write(tmp_path, "trainig: {}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("training:\n  max_steps: ten\n", r"training.max_steps: expected int, got 'ten'"),
+        ("training:\n  max_steps: 0\n", r"training.max_steps: must be > 0, got 0"),
+        ("training:\n  batch_size: 10\n  micro_batch_size: 4\n", r"training.batch_size \(10\) must be a multiple of training.micro_batch_size \(4\)"),
+        ("evaluation:\n  backend: tpu\n", r"evaluation.backend: must be one of auto, vllm, hf; got 'tpu'"),
+        ("evaluation:\n  top_p: 1.5\n", r"evaluation.top_p: must be in \(0, 1\], got 1.5"),
+        ("training:\n  gpus: [0, 0]\n", r"training.gpus: must be a non-empty list of distinct GPU indices"),
+        ("wandb:\n  mode: loud\n", r"wandb.mode: must be one of"),
+        ("model: 3\n", r"model: expected a mapping of settings, got 3"),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config(write(tmp_path, ""), ["training.learning_rate=1e-5", "evaluation.stop=['</answer>', 'END']", "wandb.mode=disabled"])
+    assert cfg.training.learning_rate == 1e-5
+    assert cfg.evaluation.stop == ["</answer>", "END"]
+    with pytest.raises(ConfigError, match="unknown key 'training.lr'"):
+        load_config(write(tmp_path, ""), ["training.lr=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(write(tmp_path, ""), ["training.learning_rate"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "training: [\n"))
+
+
+def test_hash_changes_with_content():
+    a, b = Config(), Config()
+    assert a.hash() == b.hash()
+    b.training.learning_rate = 1.0
+    assert a.hash() != b.hash()
+
+
+def test_config_and_protocol_import_without_torch_or_vllm():
+    code = (
+        "import sys; import shared.config, shared.protocol, shared.data, shared.launch, shared.tracking, evaluator.scheduler, evaluator.watcher;"
+        "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,254 @@
+"""Non-blocking checkpoints: snapshot tensors off the accelerator, write and publish in a background thread.
+
+The training loop pays only for the snapshot. On GPU the copies run on a side CUDA stream into pinned
+buffers that are reused from save to save, so even that overlaps with the next forward/backward; the
+loop waits for the copy (on the device, not the host) just before the next optimizer step changes
+the weights. At most one save is in flight: a new save first waits for the previous one.
+
+Everything on disk goes through shared.protocol: write into .tmp_step_N, publish (fsync, rename,
+fsync, READY). A failed write removes the temporary directory and is re-raised in the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from shared.protocol import (
+    READY,
+    TRAINER_STATE_DIR,
+    RunLayout,
+    leased_steps,
+    list_ready_checkpoints,
+    publish_checkpoint,
+    steps_still_needed,
+)
+
+MAX_SHARD_BYTES = 5 << 30
+# Fault injection for tests of a crash mid-save: seconds to sleep after each file written.
+_SLOW_SAVE_ENV = "MATH_SFT_FAULT_SLOW_SAVE_S"
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with tied copies dropped (safetensors refuses shared storage);
+    loaders re-tie them from the config, as with save_pretrained."""
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = set(tied.keys() if isinstance(tied, dict) else tied)
+    state, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ptr in seen and name in tied:
+            continue
+        if ptr in seen and seen[ptr] in tied:
+            del state[seen[ptr]]
+        seen[ptr] = name
+        state[name] = tensor
+    return state
+
+
+def _tensors_of(obj: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_of(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors_of(v, out)
+
+
+def _replace_tensors(obj: Any, it) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return next(it)
+    if isinstance(obj, dict):
+        return {k: _replace_tensors(v, it) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace_tensors(v, it) for v in obj)
+    return obj
+
+
+class _Snapshot:
+    """Host copies of a tree of tensors (model weights, optimizer state), into reusable buffers."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.done: torch.cuda.Event | None = None
+
+    def take(self, tree: Any) -> Any:
+        sources: list[torch.Tensor] = []
+        _tensors_of(tree, sources)
+        shapes = [(t.shape, t.dtype) for t in sources]
+        if [(b.shape, b.dtype) for b in self.buffers] != shapes:
+            pin = self.stream is not None
+            self.buffers = [torch.empty(s, dtype=d, device="cpu", pin_memory=pin) for s, d in shapes]
+        if self.stream is None:
+            for buf, src in zip(self.buffers, sources):
+                buf.copy_(src.detach())
+        else:
+            # Copies must see the finished optimizer step, and must end before the next one starts.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for buf, src in zip(self.buffers, sources):
+                    buf.copy_(src.detach(), non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return _replace_tensors(tree, iter(self.buffers))
+
+    def before_update(self) -> None:
+        """Make the next kernels on the compute stream wait for the copy (no host wait)."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+
+    def wait_host(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+
+class AsyncCheckpointer:
+    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path, keep_last: int | None):
+        """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
+        files; they are copied into every checkpoint (weights come from the snapshot)."""
+        self.layout = layout
+        self.config_hash = config_hash
+        self.keep_last = keep_last
+        self.static_files = {
+            p.name: p.read_bytes()
+            for p in sorted(model_files_dir.iterdir())
+            if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")) and p.name != READY
+        }
+        self._model_snapshot = _Snapshot()
+        self._state_snapshot = _Snapshot()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_published: int | None = None
+
+    # -- called from the training loop ------------------------------------------------------
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> dict[str, float]:
+        """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held."""
+        t0 = time.perf_counter()
+        waited = self.wait()
+        weights = self._model_snapshot.take(untied_state_dict(model))
+        state = self._state_snapshot.take({"optimizer": optimizer.state_dict(), "rng": _rng_state()})
+        self._thread = threading.Thread(target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True)
+        self._thread.start()
+        return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
+
+    def before_optimizer_step(self) -> None:
+        self._model_snapshot.before_update()
+        self._state_snapshot.before_update()
+
+    def wait(self) -> float:
+        """Block until the save in flight (if any) is published; re-raise its error. Returns seconds waited."""
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.raise_if_failed()
+        return time.perf_counter() - t0
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointWriteError(str(error)) from error
+
+    # -- background thread -------------------------------------------------------------------
+
+    def _write(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+        tmp = self.layout.tmp_checkpoint_dir(step)
+        try:
+            self._model_snapshot.wait_host()
+            self._state_snapshot.wait_host()
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
+            _write_safetensors(weights, tmp)
+            for name, data in self.static_files.items():
+                (tmp / name).write_bytes(data)
+                _fault_pause()
+            torch.save(state, tmp / TRAINER_STATE_DIR / "state.pt")
+            (tmp / TRAINER_STATE_DIR / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+            _fault_pause()
+            publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash)
+            self.last_published = step
+            self._apply_retention()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._error = OSError(f"saving checkpoint {step} to {tmp} failed: {exc}") if isinstance(exc, OSError) else exc
+
+    def _apply_retention(self) -> None:
+        if self.keep_last is None:
+            return
+        steps = sorted(list_ready_checkpoints(self.layout.checkpoints_dir))
+        protected = leased_steps(self.layout) | steps_still_needed(self.layout)
+        for step in steps[: -self.keep_last]:
+            if step in protected:
+                continue
+            path = self.layout.checkpoint_dir(step)
+            # READY goes first: a half-deleted directory must never look valid.
+            (path / READY).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fault_pause() -> None:
+    delay = float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+
+
+def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> None:
+    """model.safetensors, or shards + index past MAX_SHARD_BYTES (the Hugging Face layout)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        _fault_pause()
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+        _fault_pause()
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_trainer_state(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor state {optimizer, rng}, trainer_state json) of a verified checkpoint."""
+    state = torch.load(checkpoint_dir / TRAINER_STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((checkpoint_dir / TRAINER_STATE_DIR / "trainer_state.json").read_text())
+    return state, meta
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

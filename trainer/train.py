@@ -1,0 +1,179 @@
+"""The SFT training loop. Read it top to bottom: setup, resume, loop, shutdown."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.config import EMBEDDED_MODEL, Config
+from shared.data import Example, load_dataset, load_prompt_template, render_prompt
+from shared.protocol import CheckpointInvalid, RunLayout, atomic_write_bytes, list_ready_checkpoints, remove_tmp_dirs, verify_checkpoint
+from shared.tracking import Tracker
+from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, restore_rng
+from trainer.embedded import save_embedded_model
+from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to the peak, then cosine decay to peak * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+class DataOrder:
+    """Example index for each global sample position: a fresh seeded permutation every epoch.
+    Depends only on (seed, position), so resuming at a step needs no saved iterator."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.n, self.seed = num_examples, seed
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return int(self._perm[position % self.n])
+
+
+def resolve_model_path(cfg: Config, layout: RunLayout, template: str, train: list[Example]) -> str:
+    if cfg.model.path != EMBEDDED_MODEL:
+        return cfg.model.path
+    if not (layout.base_model_dir / "model.safetensors").is_file():
+        tmp = layout.run_dir / ".tmp_base_model"
+        save_embedded_model(cfg.model, template, train, tmp, cfg.training.seed)
+        tmp.rename(layout.base_model_dir)
+    return str(layout.base_model_dir)
+
+
+def newest_valid_checkpoint(layout: RunLayout) -> Path | None:
+    """Newest checkpoint whose manifest verifies; broken ones are reported and passed over."""
+    for step, path in sorted(list_ready_checkpoints(layout.checkpoints_dir).items(), reverse=True):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointInvalid as exc:
+            print(f"warning: not resuming from {path}: {exc}")
+    return None
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    tc = cfg.training
+    layout = RunLayout(cfg.run_dir)
+
+    # ---------------------------------------------------------------- setup (nothing written yet)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[tc.dtype]
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    template = load_prompt_template(cfg.prompt_template_path())
+    train_set = load_dataset(tc.data)
+    order = DataOrder(len(train_set), tc.seed)
+
+    # ---------------------------------------------------------------- run directory, model
+    layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_tmp_dirs(layout.checkpoints_dir):
+        print(f"removed incomplete checkpoint {leftover}")
+    atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    resume_from = newest_valid_checkpoint(layout)
+    model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
+    ).to(device)
+    model.train()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=fused)
+    start_step = 0
+    if resume_from:
+        state, meta = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        start_step = meta["step"]
+        print(f"resumed from {resume_from} (step {start_step})")
+    checkpointer = AsyncCheckpointer(layout, cfg.hash(), Path(model_path), tc.keep_last)
+    tracker = Tracker(cfg, "train", "train_step", layout.run_dir)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device}; {len(train_set)} training examples")
+
+    # SIGTERM behaves like Ctrl-C: stop after the current step, finish the pending save, exit 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    # ---------------------------------------------------------------- loop
+    step = start_step
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    try:
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc)
+            positions = range(step * tc.batch_size, (step + 1) * tc.batch_size)
+            batch = [train_set[order[p]] for p in positions]
+            micro = [
+                tokenize_prompt_and_output(
+                    [render_prompt(template, ex) for ex in batch[i : i + tc.micro_batch_size]],
+                    [ex.response for ex in batch[i : i + tc.micro_batch_size]],
+                    tokenizer,
+                    max_len=tc.max_seq_len,
+                )
+                for i in range(0, tc.batch_size, tc.micro_batch_size)
+            ]
+            # Per-token mean over the whole global batch: normalize by response tokens per example.
+            num_response_tokens = sum(int(m["response_mask"].sum()) for m in micro)
+            normalize = max(1, num_response_tokens) / tc.batch_size
+            want_entropy = (step + 1) % tc.log_every == 0
+            loss_sum, entropy_sum, num_tokens = 0.0, 0.0, 0
+            for mb in micro:
+                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+                out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=want_entropy)
+                loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], tc.grad_accum_steps, normalize)
+                loss_sum += loss.detach()
+                if want_entropy:
+                    entropy_sum += (out["token_entropy"] * mb["response_mask"]).sum()
+                num_tokens += int((mb["labels"] != tokenizer.pad_token_id).sum()) + len(mb["labels"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            checkpointer.before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            checkpointer.raise_if_failed()
+
+            metrics: dict[str, Any] = {}
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash()})
+                metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
+            if want_entropy or metrics:
+                loss_value = float(loss_sum)  # syncs with the device: only on logging steps
+                step_s = time.perf_counter() - t0
+                metrics.update({
+                    "train_step": step,
+                    "train/loss": loss_value,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/tokens_per_s": num_tokens / step_s,
+                    "train/step_s": step_s,
+                    "train/response_entropy": float(entropy_sum) / max(1, num_response_tokens) if want_entropy else None,
+                })
+                tracker.log({k: v for k, v in metrics.items() if v is not None})
+                bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{float(grad_norm):.2f}", lr=f"{metrics['train/lr']:.2e}",
+                                tok_s=f"{metrics['train/tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}: finishing the pending checkpoint")
+    finally:
+        bar.close()
+        waited = checkpointer.wait()
+        tracker.finish()
+    print(f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)")
+    return {"step": step, "last_checkpoint": checkpointer.last_published}
