@@ -65,6 +65,8 @@ class HFBackend:
         self.trust_remote_code = trust_remote_code
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         self.model = None
         self.tokenizer = None
         self.signature: str | None = None

@@ -186,6 +186,8 @@ class EvaluationConfig:
     """Evaluate checkpoints passed over for a newer one, newest first, whenever nothing newer waits."""
     num_logged_samples: int = 8
     """Sample generations logged to W&B per checkpoint."""
+    num_threads: int | None = None
+    """CPU threads for torch in the evaluator (null = torch's default). Only matters on CPU."""
 
     def validate(self, key: str) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -199,6 +201,8 @@ class EvaluationConfig:
             raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"{key}.num_threads: must be >= 1 or null, got {self.num_threads}")
         if self.num_grader_workers is not None and self.num_grader_workers < 1:
             raise ConfigError(f"{key}.num_grader_workers: must be >= 1 or null, got {self.num_grader_workers}")
         _gpu_list(key, "gpus", self.gpus)

@@ -358,7 +358,8 @@ class Ledger:
 
     def set(self, step: int, status: str, **info: Any) -> None:
         def apply(entries: dict[int, dict[str, Any]]) -> None:
-            entries[step] = {"status": status, "time": time.time(), **info}
+            kept = {k: v for k, v in entries.get(step, {}).items() if k == "attempts"}
+            entries[step] = {**kept, "status": status, "time": time.time(), **info}
 
         self.update(apply)
 

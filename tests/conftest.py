@@ -102,3 +102,24 @@ def run_copy(trained_run, tmp_path) -> Path:
     dest = tmp_path / "runs" / "tiny"
     shutil.copytree(trained_run, dest)
     return dest
+
+
+def publish_copy(src_ckpt: Path, run_dir: Path, step: int) -> Path:
+    """Publish a copy of an existing checkpoint as `step` of `run_dir`, through the real protocol."""
+    from shared.protocol import READY, RunLayout, publish_checkpoint
+
+    layout = RunLayout(run_dir)
+    layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    tmp = layout.tmp_checkpoint_dir(step)
+    shutil.copytree(src_ckpt, tmp, ignore=shutil.ignore_patterns(READY))
+    publish_checkpoint(tmp, layout.checkpoint_dir(step), step, "test")
+    return layout.checkpoint_dir(step)
+
+
+def ledger_of(run_dir: Path, name: str = "default") -> dict:
+    from shared.protocol import Ledger, RunLayout
+
+    try:
+        return Ledger(RunLayout(run_dir).eval_dir(name)).read()
+    except ValueError:
+        return {}

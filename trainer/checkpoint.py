@@ -163,7 +163,7 @@ class AsyncCheckpointer:
     def raise_if_failed(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointWriteError(str(error)) from error
+            raise error
 
     # -- background thread -------------------------------------------------------------------
 
@@ -186,7 +186,8 @@ class AsyncCheckpointer:
             self._apply_retention()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             shutil.rmtree(tmp, ignore_errors=True)
-            self._error = OSError(f"saving checkpoint {step} to {tmp} failed: {exc}") if isinstance(exc, OSError) else exc
+            self._error = CheckpointWriteError(f"saving checkpoint {step} to {tmp} failed: {exc}")
+            self._error.__cause__ = exc
 
     def _apply_retention(self) -> None:
         if self.keep_last is None:

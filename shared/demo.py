@@ -1,0 +1,70 @@
+"""`make demo`: the trainer and the evaluator as two processes on one fresh run, then a report.
+
+The evaluator starts first and watches; the trainer trains and publishes; when the trainer is done
+the demo waits for the evaluation of the last checkpoint, stops the evaluator (SIGINT), prints the
+accuracy table and writes a plot into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.config import load_config
+from shared.launch import UsageError, physical_gpu_count, run_main
+from shared.protocol import Ledger, RunLayout, Status
+
+
+def _gpu_overrides() -> list[str]:
+    """One GPU: both services share it; none: both on CPU (the config's GPU lists are ignored)."""
+    return ["evaluation.gpus=[0]"] if physical_gpu_count() == 1 else []
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.demo", description=__doc__)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"run_name={run_name}", *_gpu_overrides(), *args.overrides]
+    cfg = load_config(args.config, overrides)  # validates before anything starts
+    layout = RunLayout(cfg.run_dir)
+    config_args = (["--config", args.config] if args.config else []) + overrides
+    t0 = time.perf_counter()
+    print(f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every}; "
+          f"evaluation on {cfg.evaluation.num_samples} held-out problems")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    evaluator = subprocess.Popen([sys.executable, "-m", "evaluator", *config_args], env=env)
+    try:
+        trainer = subprocess.run([sys.executable, "-m", "trainer", *config_args], env=env)
+        if trainer.returncode != 0:
+            raise UsageError(f"the trainer failed (exit {trainer.returncode}); see its output above")
+        last = cfg.training.max_steps
+        ledger = Ledger(layout.eval_dir(cfg.evaluation.name))
+        print(f"demo: training done; waiting for the evaluation of step {last}")
+        while ledger.read().get(last, {}).get("status") not in (Status.DONE, Status.FAILED):
+            if evaluator.poll() is not None:
+                raise UsageError(f"the evaluator exited ({evaluator.returncode}) before evaluating step {last}")
+            time.sleep(0.2)
+    finally:
+        if evaluator.poll() is None:
+            evaluator.send_signal(signal.SIGINT)
+            evaluator.wait(60)
+
+    from evaluator.report import format_table, load_results, plot
+
+    results = load_results(layout.eval_dir(cfg.evaluation.name))
+    print()
+    print(format_table(results))
+    png = plot(results, layout.eval_dir(cfg.evaluation.name) / "accuracy.png")
+    print(f"\nplot: {png}\nrun:  {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, (ValueError, OSError))
