@@ -35,8 +35,8 @@ _FORMAT_OPEN = "</think> <answer>"
 _ZERO = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
 
 
-class GradeTimeout(Exception):
-    pass
+class GradeTimeout(BaseException):
+    """BaseException: math-verify and sympy catch Exception broadly and would swallow it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +79,8 @@ _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _THOUSANDS_LATEX = re.compile(r"^[-+]?\d{1,3}(?:\{,\}\d{3})+(?:\.\d+)?$")
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:(?:\\,|\\ |~|\s)\d{3})+(?:\.\d+)?$")
 _NUMBER_DEGREES = re.compile(r"^([-+]?[\d.]+)\s*(?:\^\s*\{?\\circ\}?|\\circ|\\degree|\^\{\\text\{o\}\})$")
+# A power tower or a huge exponent makes sympy compute in C for minutes, where no timer can stop it.
+_HUGE_POWER = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\{?\s*\d{5,}|\*\*\s*\(?[^)]*\*\*")
 _CHOICE = re.compile(r"^\(?([A-Ea-e])\)?$")
 _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _SIMPLE_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{?(\d+)\}?\{?(\d+)\}?$|^([-+]?)(\d+)/(\d+)$")
@@ -95,7 +97,7 @@ def normalize(answer: str) -> str:
     # Degrees, percent, dollars: the reference graders treat 50\% as 50 and $18 as 18.
     s = _NUMBER_DEGREES.sub(r"\1", s)
     s = re.sub(r"\\?%|\\percent", "", s)
-    s = re.sub(r"\\\$|\$|\\textdollar|US\$", "", s)
+    s = re.sub(r"US\\?\$|\\\$|\$|\\textdollar", "", s)
     unwrapped = _TEXT_WRAPPER.sub(lambda m: m.group(1), s).strip()
     if _TRAILING_UNIT.match(unwrapped) or _CHOICE.match(unwrapped) or unwrapped.replace(" ", "").isalpha():
         s = unwrapped  # "5 \text{ cm}", "\text{(B)}", "\text{Monday}": the words are the answer's decoration or the answer
@@ -167,10 +169,12 @@ def answers_equivalent(pred: str, gold: str) -> bool:
     pn, gn = _as_number(p), _as_number(g)
     if pn is not None and gn is not None:
         return _numbers_equal(pn, gn)
-    if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
+    if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS or _HUGE_POWER.search(p) or _HUGE_POWER.search(g):
         return False
     if _CHOICE.match(g) and len(g) == 1 and g.isalpha():
         return p == g  # a choice letter: only the same letter is right
+    if (p.startswith("\\{") != g.startswith("\\{")) and (p[:1] in "([" or g[:1] in "(["):
+        return False  # a set is not a tuple or an interval (sympy compares their elements only)
     return _symbolic_equal(p, g)
 
 
@@ -218,10 +222,17 @@ def _grade_in_main_thread(response: str, ground_truth, timeout_s: float) -> tupl
 
 def r1_zero_reward(response: str, ground_truth: str | list[str], timeout_s: float = 5.0) -> dict[str, float]:
     """{format_reward, answer_reward, reward} for a response generated after the r1_zero prompt.
-    Bounded by `timeout_s` from any thread (off the main thread it grades in a helper process)."""
-    if threading.current_thread() is threading.main_thread():
-        return _grade_in_main_thread(response, ground_truth, timeout_s)[0]
-    return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
+
+    Bounded by `timeout_s` wherever it is called from: the symbolic part runs in a helper process
+    that is killed if it overruns. Inside a daemonic process (a multiprocessing pool's worker, which
+    may not have children) it runs here under an interval timer instead."""
+    if extract_answer(response) is None:
+        return dict(_ZERO)
+    if not mp.current_process().daemon:
+        return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("r1_zero_reward cannot be bounded in a non-main thread of a daemonic process; use GraderPool")
+    return _grade_in_main_thread(response, ground_truth, timeout_s)[0]
 
 
 _SHARED: dict[float, "GraderPool"] = {}

@@ -1,0 +1,210 @@
+"""The grader, case by case. Each case is judged by mathematics: (answer inside the tags, ground truth,
+is it right?). Responses are built around the answer so the format logic is exercised separately."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from evaluator.grader import GraderPool, extract_answer, r1_zero_reward
+
+
+def resp(answer: str) -> str:
+    return f"Some reasoning here. </think> <answer> {answer} </answer>"
+
+
+RIGHT, WRONG = True, False
+
+# (predicted answer, ground truth, mathematically equal?)
+CASES = [
+    # integers, signs, unicode minus
+    ("42", "42", RIGHT), ("042", "42", RIGHT), ("+7", "7", RIGHT), ("-3", "-3", RIGHT), ("\u22123", "-3", RIGHT),
+    ("- 3", "-3", RIGHT), ("3", "-3", WRONG), ("5", "50", WRONG), ("50", "5", WRONG), ("12", "21", WRONG),
+    ("0", "0", RIGHT), ("-0", "0", RIGHT), ("1000000", "1000000", RIGHT), ("999999", "1000000", WRONG),
+    # decimals vs fractions
+    ("0.5", "\\frac{1}{2}", RIGHT), ("\\frac{1}{2}", "0.5", RIGHT), ("\\dfrac12", "\\frac{1}{2}", RIGHT), ("\\tfrac{1}{2}", "0.5", RIGHT),
+    ("1/2", "\\frac{1}{2}", RIGHT), ("1/2", "0.5", RIGHT), (".5", "0.5", RIGHT), ("0.50", "1/2", RIGHT), ("2/4", "\\frac12", RIGHT),
+    ("\\frac{2}{1}", "2", RIGHT), ("-\\frac{3}{4}", "-0.75", RIGHT), ("\\frac{-3}{4}", "-\\frac{3}{4}", RIGHT), ("-0.75", "\\frac{-3}{4}", RIGHT),
+    ("1/2", "2", WRONG), ("2", "\\frac{1}{2}", WRONG), ("0.333", "\\frac{1}{3}", WRONG), ("0.3", "\\frac13", WRONG),
+    ("\\frac{1}{3}", "\\frac{2}{6}", RIGHT), ("1.25", "\\frac{5}{4}", RIGHT), ("1\\frac{1}{4}", "\\frac{5}{4}", RIGHT),
+    ("3.5", "3.50", RIGHT), ("3.5", "3.05", WRONG), ("7", "7.0", RIGHT), ("7", "7.0001", WRONG), ("2.0", "2", RIGHT),
+    # thousands separators vs tuples
+    ("1,000", "1000", RIGHT), ("1000", "1,000", RIGHT), ("12,345,678", "12345678", RIGHT), ("1{,}000", "1000", RIGHT),
+    ("3\\,000", "3000", RIGHT), ("3\\ 000", "3000", RIGHT), ("1,000.5", "1000.5", RIGHT), ("1,000", "100", WRONG),
+    ("(1,2)", "(1, 2)", RIGHT), ("(1,2)", "(2,1)", WRONG), ("(1,000)", "1000", WRONG), ("(1, 2)", "\\left(1,2\\right)", RIGHT),
+    # dollars and money
+    ("\\$18", "18", RIGHT), ("$18$", "18", RIGHT), ("18.00", "18", RIGHT), ("\\$18.00", "18", RIGHT), ("18 dollars", "18", RIGHT),
+    ("\\$1,250", "1250", RIGHT), ("\\$17.99", "18", WRONG), ("US\\$5", "5", RIGHT), ("\\$0.50", "0.5", RIGHT),
+    # percents (as the reference graders: 50\% is 50)
+    ("50\\%", "50", RIGHT), ("50", "50\\%", RIGHT), ("50%", "50", RIGHT), ("12.5\\%", "12.5", RIGHT), ("25\\%", "50", WRONG),
+    ("50 percent", "50", RIGHT),
+    # units and text
+    ("5 \\text{ cm}", "5", RIGHT), ("5", "5 \\text{ cm}", RIGHT), ("5 inches", "5", RIGHT), ("12 \\mbox{ meters}", "12", RIGHT),
+    ("7\\text{ apples}", "7", RIGHT), ("3 hours", "3", RIGHT), ("6 \\text{cm}^2", "6", RIGHT), ("4 \\text{ cm}", "5", WRONG),
+    ("15 minutes", "15", RIGHT), ("2 kg", "2", RIGHT), ("9\\text{ feet}", "9", RIGHT),
+    # degrees
+    ("30^\\circ", "30", RIGHT), ("30", "30^\\circ", RIGHT), ("30^{\\circ}", "30", RIGHT), ("30\u00b0", "30", RIGHT), ("45^\\circ", "30", WRONG),
+    ("90^\\circ", "90", RIGHT),
+    # roots, pi, closed forms
+    ("2\\sqrt{2}", "\\sqrt{8}", RIGHT), ("\\sqrt{8}", "2\\sqrt2", RIGHT), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", RIGHT),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", RIGHT), ("\\sqrt{3}", "\\sqrt{2}", WRONG), ("3\\sqrt{3}", "\\sqrt{27}", RIGHT),
+    ("\\pi", "\\pi", RIGHT), ("2\\pi", "\\pi \\cdot 2", RIGHT), ("3.14", "\\pi", WRONG), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", RIGHT),
+    ("\\pi/3", "\\frac{\\pi}{3}", RIGHT), ("\\pi", "3.14159", WRONG), ("e^{2}", "e^2", RIGHT), ("\\ln(e^{2})", "2", RIGHT),
+    ("2^{10}", "1024", RIGHT), ("10!", "3628800", RIGHT), ("\\binom{5}{2}", "10", RIGHT), ("\\sqrt[3]{27}", "3", RIGHT),
+    ("4\\pi", "12.566", WRONG),
+    # scientific notation
+    ("1.5 \\times 10^{3}", "1500", RIGHT), ("1.5e3", "1500", RIGHT), ("1500", "1.5 \\times 10^3", RIGHT), ("3 \\cdot 10^{-2}", "0.03", RIGHT),
+    ("1.5 \\times 10^{4}", "1500", WRONG), ("2E-3", "0.002", RIGHT),
+    # algebraic equivalence
+    ("(x+1)^2", "x^2+2x+1", RIGHT), ("x^2+2x+1", "(x+1)^2", RIGHT), ("x^2-1", "(x-1)(x+1)", RIGHT), ("2x+2", "2(x+1)", RIGHT),
+    ("x^2+1", "(x+1)^2", WRONG), ("\\frac{x}{2}", "0.5x", RIGHT), ("a+b", "b+a", RIGHT), ("3x", "x^3", WRONG), ("x+1", "y+1", WRONG),
+    # equations vs values
+    ("x=5", "5", RIGHT), ("5", "x=5", RIGHT), ("x = 5", "x=5", RIGHT), ("y=5", "5", RIGHT), ("x=6", "5", WRONG), ("y = 2x+3", "2x+3", RIGHT),
+    # intervals
+    ("[1,3)", "[1, 3)", RIGHT), ("(1,3]", "[1,3]", WRONG), ("(-\\infty, 2)", "(-\\infty,2)", RIGHT), ("[0,\\infty)", "[0, \\infty)", RIGHT),
+    ("(0,1)", "[0,1]", WRONG), ("(-\\infty,-1)\\cup(1,\\infty)", "(-\\infty,-1) \\cup (1,\\infty)", RIGHT),
+    # tuples and sets
+    ("(2, -3)", "(2,-3)", RIGHT), ("(3,4,5)", "(3, 4, 5)", RIGHT), ("(3,5,4)", "(3,4,5)", WRONG), ("\\{1,2\\}", "\\{2,1\\}", RIGHT),
+    ("\\{1,2,3\\}", "\\{1,2\\}", WRONG), ("(1,2)", "\\{1,2\\}", WRONG), ("1, 2", "2, 1", RIGHT), ("-2, 3", "3, -2", RIGHT),
+    ("1, 2", "1, 3", WRONG),
+    # matrices
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix}", RIGHT),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}", WRONG),
+    ("\\begin{bmatrix}1\\\\0\\end{bmatrix}", "\\begin{pmatrix}1\\\\0\\end{pmatrix}", RIGHT),
+    ("\\begin{pmatrix}0.5\\\\1\\end{pmatrix}", "\\begin{pmatrix}\\frac12\\\\1\\end{pmatrix}", RIGHT),
+    # multiple choice and words
+    ("B", "B", RIGHT), ("(B)", "B", RIGHT), ("\\text{(B)}", "B", RIGHT), ("B", "\\text{(B)}", RIGHT), ("b", "B", RIGHT),
+    ("C", "B", WRONG), ("(C)", "B", WRONG), ("\\text{Monday}", "Monday", RIGHT), ("Monday", "\\text{Monday}", RIGHT),
+    ("Tuesday", "Monday", WRONG), ("\\textbf{yes}", "yes", RIGHT), ("no", "yes", WRONG), ("\\text{even}", "\\text{odd}", WRONG),
+    # LaTeX spacing and sizing noise
+    ("\\left( 1, 2 \\right)", "(1,2)", RIGHT), ("10\\!", "10", RIGHT), ("\\,10", "10", RIGHT), ("\\displaystyle \\frac{1}{2}", "0.5", RIGHT),
+    ("\\left[ 0 , 1 \\right)", "[0,1)", RIGHT), ("\\Big( 3 \\Big)", "3", RIGHT), ("\\; 7 \\;", "7", RIGHT), ("\\quad 8", "8", RIGHT),
+    ("$\\frac{3}{5}$", "0.6", RIGHT), ("\\(4\\)", "4", RIGHT),
+    # boxed inside the answer
+    ("\\boxed{12}", "12", RIGHT), ("so it is \\boxed{\\frac{1}{4}}", "0.25", RIGHT), ("\\boxed{1} then \\boxed{2}", "2", RIGHT),
+    ("\\boxed{3}", "4", WRONG),
+    # GSM8K-style plain ground truths
+    ("18", "18", RIGHT), ("\\$18", "18", RIGHT), ("18.5", "18", WRONG), ("1,080", "1080", RIGHT), ("70000", "70,000", RIGHT),
+    # trig and exact values
+    ("\\frac{\\sqrt{3}}{2}", "\\sin(\\pi/3)", RIGHT), ("\\cos(0)", "1", RIGHT), ("\\tan(\\pi/4)", "1", RIGHT), ("\\frac{1}{2}", "\\cos(\\pi/3)", RIGHT),
+    # close but wrong
+    ("49", "50", WRONG), ("0.49", "\\frac{1}{2}", WRONG), ("\\frac{2}{3}", "\\frac{3}{2}", WRONG), ("-5", "5", WRONG), ("x^3", "x^2", WRONG),
+    ("\\sqrt{2}", "1.414", WRONG), ("100", "10^3", WRONG), ("2^{10}", "1000", WRONG),
+]
+
+
+@pytest.mark.parametrize("pred, gold, right", CASES, ids=[f"{i}:{p}|{g}" for i, (p, g, _) in enumerate(CASES)])
+def test_equivalence(pred, gold, right):
+    expected = float(right)
+    assert r1_zero_reward(resp(pred), gold) == {"format_reward": 1.0, "answer_reward": expected, "reward": expected}
+
+
+def test_there_are_at_least_150_cases():
+    assert len(CASES) + len(FORMAT_CASES) >= 150
+
+
+# (response, ground truth, format_reward, answer_reward)
+FORMAT_CASES = [
+    ("2 + 2 = 4 </think> <answer> 4 </answer>", "4", 1.0, 1.0),
+    ("</think> <answer>4</answer>", "4", 1.0, 1.0),
+    ("2 + 2 = 4 </think> <answer> 5 </answer>", "4", 1.0, 0.0),
+    ("2 + 2 = 4 </think><answer> 4 </answer>", "4", 0.0, 0.0),  # no space: not the r1_zero format
+    ("2 + 2 = 4 <answer> 4 </answer>", "4", 0.0, 0.0),
+    ("2 + 2 = 4 </think> <answer> 4", "4", 0.0, 0.0),  # unterminated
+    ("2 + 2 = 4 </think> 4", "4", 0.0, 0.0),
+    ("The answer is 4.", "4", 0.0, 0.0),
+    ("", "4", 0.0, 0.0),
+    ("</answer> 4 </think> <answer> 4 </answer>", "4", 1.0, 1.0),  # a stray closing tag earlier
+    ("a </think> <answer> 4 </answer> trailing text", "4", 1.0, 1.0),
+    ("a </think> <answer>  </answer>", "4", 1.0, 0.0),  # empty answer
+    ("a </think> <answer> 4 </answer>", ["5", "4"], 1.0, 1.0),  # any of several truths
+    ("a </think> <answer> 4 </answer>", ["5", "6"], 1.0, 0.0),
+    ("a </think> <answer> \\frac{1}{2} </answer>", ["0.5"], 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("response, gold, fmt, ans", FORMAT_CASES)
+def test_format_and_answer_rewards(response, gold, fmt, ans):
+    assert r1_zero_reward(response, gold) == {"format_reward": fmt, "answer_reward": ans, "reward": float(fmt and ans)}
+
+
+def test_extract_answer():
+    assert extract_answer("x </think> <answer> 7 </answer>") == " 7 "
+    assert extract_answer("x </think> <answer> so \\boxed{7} </answer>") == "7"
+    assert extract_answer("x </think> <answer> 7") is None
+
+
+PATHOLOGICAL = [
+    "9^{9^{9^{9}}}",               # a power tower: sympy would evaluate it forever
+    "(x+1)^{100000}",              # huge expansion
+    "\\boxed{" + "{" * 3000,       # unbalanced nesting
+    "1" * 200_000,                 # a very long number
+]
+
+
+def test_pathological_answers_are_bounded_and_wrong():
+    t0 = time.monotonic()
+    for answer in PATHOLOGICAL:
+        assert r1_zero_reward(resp(answer), "5", timeout_s=1.0)["reward"] == 0.0
+    assert time.monotonic() - t0 < 4 * 3.0
+
+
+def test_garbage_is_fast():
+    junk = "".join(chr(33 + (i * 7919) % 90) for i in range(50_000))
+    t0 = time.monotonic()
+    assert r1_zero_reward(junk, "5")["reward"] == 0.0
+    assert r1_zero_reward(resp(junk), "5")["reward"] == 0.0
+    assert time.monotonic() - t0 < 5
+
+
+def test_bounded_from_a_thread_too():
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        out["reward"] = r1_zero_reward(resp("9^{9^{9^{9}}}"), "5", timeout_s=1.0)
+        out["seconds"] = time.monotonic() - t0
+        out["right"] = r1_zero_reward(resp("\\frac{1}{2}"), "0.5", timeout_s=1.0)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert out["reward"]["reward"] == 0.0 and out["seconds"] < 10
+    assert out["right"]["reward"] == 1.0
+
+
+def test_pool_grades_in_order_and_counts_timeouts():
+    pool = GraderPool(2, timeout_s=1.0)
+    try:
+        # (x+1)^1000 vs x^1000+1: sympy expands for seconds (interruptible Python code).
+        responses = [resp(str(i)) for i in range(20)] + [resp("(x+1)^{1000}"), "no format", resp("x^2-1")]
+        truths = [str(i) if i % 3 else "-1" for i in range(20)] + ["x^{1000}+1", "1", "(x-1)(x+1)"]
+        rewards, stats = pool.grade(responses, truths)
+        assert [r["reward"] for r in rewards[:20]] == [0.0 if i % 3 == 0 else 1.0 for i in range(20)]
+        assert rewards[20] == {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+        assert rewards[21]["format_reward"] == 0.0 and rewards[22]["reward"] == 1.0
+        assert stats["grader_timeouts"] == 1 and stats["grader_errors"] == 0
+        # the pool still works after a timeout
+        assert pool.grade([resp("3")], ["3"])[0][0]["reward"] == 1.0
+    finally:
+        pool.close()
+
+
+def test_pool_replaces_a_worker_that_stops_responding():
+    """A worker that does not answer in time (stuck in C code, where no timer reaches it; here
+    stopped with SIGSTOP) is killed and replaced, and its case counts as a timeout."""
+    pool = GraderPool(1, timeout_s=0.5)
+    try:
+        stuck = pool._workers[0][0]
+        os.kill(stuck.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        rewards, stats = pool.grade([resp("2")], ["2"])
+        assert rewards[0] == {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+        assert stats == {"grader_timeouts": 1, "grader_errors": 0}
+        assert time.monotonic() - t0 < 0.5 + GraderPool.KILL_GRACE_S + 2
+        assert not stuck.is_alive() and pool._workers[0][0] is not stuck
+        assert pool.grade([resp("2")], ["2"])[0][0]["reward"] == 1.0
+    finally:
+        pool.close()
