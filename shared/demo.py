@@ -25,16 +25,13 @@ def _gpu_overrides() -> list[str]:
     return ["evaluation.gpus=[0]"] if physical_gpu_count() == 1 else []
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.demo", description=__doc__)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [f"run_name={run_name}", *_gpu_overrides(), *args.overrides]
-    cfg = load_config(args.config, overrides)  # validates before anything starts
+def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, list[dict]]:
+    """Train and evaluate one fresh run with two processes; returns the run and its results."""
+    run_name = f"{Path(config).stem if config else 'demo'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"run_name={run_name}", *_gpu_overrides(), *user_overrides]
+    cfg = load_config(config, overrides)  # validates before anything starts
     layout = RunLayout(cfg.run_dir)
-    config_args = (["--config", args.config] if args.config else []) + overrides
+    config_args = (["--config", config] if config else []) + overrides
     t0 = time.perf_counter()
     print(f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every}; "
           f"evaluation on {cfg.evaluation.num_samples} held-out problems")
@@ -63,6 +60,15 @@ def main() -> int:
     print(format_table(results))
     png = plot(results, layout.eval_dir(cfg.evaluation.name) / "accuracy.png")
     print(f"\nplot: {png}\nrun:  {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)")
+    return layout, results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.demo", description=__doc__)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    run_demo(args.config, args.overrides)
     return 0
 
 

@@ -57,6 +57,17 @@ def resolve_model_path(cfg: Config, layout: RunLayout, template: str, train: lis
     return str(layout.base_model_dir)
 
 
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known accelerators, for MFU; None where unknown (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12)):
+        if key in name:
+            return flops
+    return None
+
+
 def newest_valid_checkpoint(layout: RunLayout) -> Path | None:
     """Newest checkpoint whose manifest verifies; broken ones are reported and passed over."""
     for step, path in sorted(list_ready_checkpoints(layout.checkpoints_dir).items(), reverse=True):
@@ -112,10 +123,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- loop
     step = start_step
+    flops_per_token = 6 * num_params
+    peak_flops = peak_bf16_flops(device)
+    interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
     try:
         while step < tc.max_steps:
-            t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
             positions = range(step * tc.batch_size, (step + 1) * tc.batch_size)
@@ -132,42 +145,49 @@ def train(cfg: Config) -> dict[str, Any]:
             # Per-token mean over the whole global batch: normalize by response tokens per example.
             num_response_tokens = sum(int(m["response_mask"].sum()) for m in micro)
             normalize = max(1, num_response_tokens) / tc.batch_size
-            want_entropy = (step + 1) % tc.log_every == 0
-            loss_sum, entropy_sum, num_tokens = 0.0, 0.0, 0
+            interval_tokens += sum(int((m["labels"] != tokenizer.pad_token_id).sum()) + len(m["labels"]) for m in micro)
+            log_now = (step + 1) % tc.log_every == 0
+            loss_sum, entropy_sum = 0.0, 0.0
             for mb in micro:
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-                out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=want_entropy)
+                out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=log_now)
                 loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], tc.grad_accum_steps, normalize)
                 loss_sum += loss.detach()
-                if want_entropy:
+                if log_now:
                     entropy_sum += (out["token_entropy"] * mb["response_mask"]).sum()
-                num_tokens += int((mb["labels"] != tokenizer.pad_token_id).sum()) + len(mb["labels"])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             checkpointer.before_optimizer_step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            interval_steps += 1
             checkpointer.raise_if_failed()
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash()})
                 metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
-            if want_entropy or metrics:
-                loss_value = float(loss_sum)  # syncs with the device: only on logging steps
-                step_s = time.perf_counter() - t0
+            if log_now or metrics:
+                loss_value = float(loss_sum)  # waits for the device: only on logging steps
+                elapsed = time.perf_counter() - interval_t0
+                tokens_per_s = interval_tokens / elapsed
                 metrics.update({
                     "train_step": step,
                     "train/loss": loss_value,
                     "train/grad_norm": float(grad_norm),
                     "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/tokens_per_s": num_tokens / step_s,
-                    "train/step_s": step_s,
-                    "train/response_entropy": float(entropy_sum) / max(1, num_response_tokens) if want_entropy else None,
+                    "train/tokens_per_s": tokens_per_s,
+                    "train/step_s": elapsed / interval_steps,
                 })
-                tracker.log({k: v for k, v in metrics.items() if v is not None})
+                if log_now:
+                    metrics["train/response_entropy"] = float(entropy_sum) / max(1, num_response_tokens)
+                if peak_flops:
+                    metrics["train/mfu"] = flops_per_token * tokens_per_s / peak_flops
+                    metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                tracker.log(metrics)
                 bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{float(grad_norm):.2f}", lr=f"{metrics['train/lr']:.2e}",
-                                tok_s=f"{metrics['train/tokens_per_s']:.0f}", refresh=False)
+                                tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
             bar.update(1)
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}: finishing the pending checkpoint")

@@ -1,0 +1,62 @@
+"""Trainer throughput (non-padding tokens/s, MFU) and checkpoint stall on a Qwen2.5-Math-1.5B-shaped model.
+
+    python -m bench.bench_train                 # throughput + stall (checkpoints at steps 20 and 40)
+    python -m bench.bench_train --tag alone     # step time only (used by the interference benchmark)
+
+Batch 8 x 1024 tokens, bf16, fused AdamW: the plain transformers loop of ../shared/gpu/baseline_qwen1p5b.py
+("train" mode) is the baseline; run it in the same call on the same card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from bench.common import digits_sft_jsonl, make_qwen15_dir, report, run, write_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", default="/tmp/bench_train")
+    parser.add_argument("--tag", default=None, help="only measure the step time, under this label")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_qwen15_dir(work / "q15")
+    data = digits_sft_jsonl(work / "data.jsonl", 512, 200, 825)  # 1025 tokens -> 1024 inputs per example
+    stall = args.tag is None
+    runs = work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    cfg = write_config(work / "cfg.yaml", {
+        "run_name": "bench", "runs_dir": str(runs),
+        "model": {"path": str(model_dir)},
+        "training": {"data": {"path": str(data), "format": "sft"}, "max_steps": 40 if stall else 25, "batch_size": 8,
+                     "micro_batch_size": 8, "max_seq_len": 1025, "learning_rate": 1e-5, "warmup_steps": 0,
+                     "eval_every": 20 if stall else 1000, "keep_last": 1, "log_every": 5},
+        "wandb": {"mode": "disabled"},
+    })
+    run([sys.executable, "-m", "trainer", "--config", str(cfg)], work / f"train_{args.tag or 'stall'}.log", env={"TQDM_DISABLE": "1"})
+    rows = {r["train_step"]: r for r in map(json.loads, (runs / "bench" / "train_log.jsonl").read_text().splitlines())}
+    steady = [rows[s] for s in (10, 15)]  # after warm-up, no checkpoint in the interval
+    step_s = statistics.mean(r["train/step_s"] for r in steady)
+    if not stall:
+        report("train_step_time", tag=args.tag, step_s=round(step_s, 4))
+        return
+    report("train_throughput", tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
+           mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3), step_s=round(step_s, 4),
+           peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+           batch="8x1024", command="python -m bench.bench_train")
+    report("checkpoint_stall", blocked_s_first=round(rows[20]["train/checkpoint_blocked_s"], 3),
+           blocked_s_steady=round(rows[40]["train/checkpoint_blocked_s"], 3),
+           waited_for_previous_s=round(rows[40]["train/checkpoint_waited_s"], 3),
+           step_s_after_save=round(rows[25]["train/step_s"], 4), step_s_steady=round(step_s, 4),
+           checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
+           command="python -m bench.bench_train")
+
+
+if __name__ == "__main__":
+    main()

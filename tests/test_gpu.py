@@ -1,0 +1,65 @@
+"""vLLM backend on a real GPU (opt-in: `pytest -m gpu`, run by `make gpu-check`)."""
+
+import os
+
+import pytest
+
+from conftest import run_service
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    pytest.importorskip("vllm")
+    import yaml
+
+    root = tmp_path_factory.mktemp("gpu")
+    cfg = root / "cfg.yaml"
+    from conftest import TINY
+
+    data = {**TINY, "runs_dir": str(root / "runs"),
+            "model": {"path": "embedded:tiny-qwen2", "embedded_hidden_size": 256, "embedded_num_layers": 4, "embedded_vocab_size": 512},
+            "training": {**TINY["training"], "data": {"path": "embedded:arithmetic", "split": "train"}, "max_steps": 600,
+                         "batch_size": 64, "micro_batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "eval_every": 300,
+                         "log_every": 100, "num_threads": None}}
+    cfg.write_text(yaml.safe_dump(data))
+    run_service("trainer", "--config", cfg, env_extra={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"})
+    return root / "runs" / "tiny" / "checkpoints"
+
+
+def prompts(n=64):
+    from shared.data import generate_arithmetic, load_prompt_template, render_prompt
+
+    from conftest import REPO
+
+    template = load_prompt_template(REPO / "prompts" / "r1_zero.prompt")
+    return [render_prompt(template, ex) for ex in generate_arithmetic("test", n)]
+
+
+def test_vllm_in_place_reload_matches_transformers(gpu_run):
+    from evaluator.backends import HFBackend, VLLMBackend
+    from shared.config import EvaluationConfig
+
+    cfg = EvaluationConfig(temperature=0.0, max_tokens=48, gpu_memory_utilization=0.3, hf_batch_size=64)
+    ps = prompts()
+    vllm = VLLMBackend(cfg, trust_remote_code=False, num_gpus=1)
+    assert vllm.load(gpu_run / "step_00000300") == "new-engine"
+    before = [g.text for g in vllm.generate(ps)]
+    fp_before = vllm.fingerprint(ps[0])
+    assert vllm.load(gpu_run / "step_00000600") == "in-place"
+    after = [g.text for g in vllm.generate(ps)]
+    assert vllm.fingerprint(ps[0]) != fp_before
+
+    hf = HFBackend(cfg, trust_remote_code=False)
+    hf.load(gpu_run / "step_00000600")
+    reference = [g.text for g in hf.generate(ps)]
+    same = sum(a == b for a, b in zip(after, reference)) / len(ps)
+    changed = sum(a != b for a, b in zip(after, before)) / len(ps)
+    print(f"vLLM vs transformers identical: {same:.2%}; changed by the reload: {changed:.2%}")
+    assert same >= 0.95
+    assert changed > 0
+    vllm.close()
