@@ -1,6 +1,6 @@
 """Trainer throughput (non-padding tokens/s, MFU) and checkpoint stall on a Qwen2.5-Math-1.5B-shaped model.
 
-    python -m bench.bench_train                 # throughput + stall (checkpoints at steps 20 and 40)
+    python -m bench.bench_train                 # throughput + stall (checkpoints at steps 40 and 80)
     python -m bench.bench_train --tag alone     # step time only (used by the interference benchmark)
 
 Batch 8 x 1024 tokens, bf16, fused AdamW: the plain transformers loop of ../shared/gpu/baseline_qwen1p5b.py
@@ -34,9 +34,9 @@ def main() -> None:
     cfg = write_config(work / "cfg.yaml", {
         "run_name": "bench", "runs_dir": str(runs),
         "model": {"path": str(model_dir)},
-        "training": {"data": {"path": str(data), "format": "sft"}, "max_steps": 40 if stall else 25, "batch_size": 8,
+        "training": {"data": {"path": str(data), "format": "sft"}, "max_steps": 80 if stall else 25, "batch_size": 8,
                      "micro_batch_size": 8, "max_seq_len": 1025, "learning_rate": 1e-5, "warmup_steps": 0,
-                     "eval_every": 20 if stall else 1000, "keep_last": 1, "log_every": 5},
+                     "eval_every": 40 if stall else 1000, "keep_last": 1, "log_every": 5},
         "wandb": {"mode": "disabled"},
     })
     run([sys.executable, "-m", "trainer", "--config", str(cfg)], work / f"train_{args.tag or 'stall'}.log", env={"TQDM_DISABLE": "1"})
@@ -50,10 +50,10 @@ def main() -> None:
            mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3), step_s=round(step_s, 4),
            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
            batch="8x1024", command="python -m bench.bench_train")
-    report("checkpoint_stall", blocked_s_first=round(rows[20]["train/checkpoint_blocked_s"], 3),
-           blocked_s_steady=round(rows[40]["train/checkpoint_blocked_s"], 3),
-           waited_for_previous_s=round(rows[40]["train/checkpoint_waited_s"], 3),
-           step_s_after_save=round(rows[25]["train/step_s"], 4), step_s_steady=round(step_s, 4),
+    report("checkpoint_stall", blocked_s_first=round(rows[40]["train/checkpoint_blocked_s"], 3),
+           blocked_s_second=round(rows[80]["train/checkpoint_blocked_s"], 3),
+           waited_for_previous_s=round(rows[80]["train/checkpoint_waited_s"], 3),
+           step_s_after_save=round(rows[45]["train/step_s"], 4), step_s_steady=round(step_s, 4),
            checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
            command="python -m bench.bench_train")
 

@@ -206,8 +206,11 @@ def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, s
     ckpt_dir = layout.checkpoint_dir(step)
     try:
         with Lease(layout, step):
-            manifest = verify_checkpoint(ckpt_dir)
+            t0 = time.perf_counter()
+            manifest = verify_checkpoint(ckpt_dir, model_only=True)
+            verify_s = time.perf_counter() - t0
             result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
+            result["timings_s"]["verify"] = verify_s
     except CheckpointInvalid as exc:
         reason = str(exc)
         if not ckpt_dir.exists():
@@ -265,7 +268,7 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
     if not ckpt_dir.is_dir():
         raise CheckpointInvalid(f"{ckpt_dir}: no such checkpoint directory")
     if (ckpt_dir / READY).exists():
-        manifest = verify_checkpoint(ckpt_dir)
+        manifest = verify_checkpoint(ckpt_dir, model_only=True)
         step = int(manifest["step"])
     else:
         if not (ckpt_dir / "config.json").is_file():

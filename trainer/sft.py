@@ -44,7 +44,8 @@ def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
     No attention mask is needed: padding is on the right, so under causal attention no real token
     ever attends to a pad token."""
     logits = model(input_ids=input_ids).logits
-    log_probs = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    # Flattened (tokens, vocab) rows: the fused kernel. The (batch, vocab, seq) layout is ~2x slower.
+    log_probs = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
     out = {"log_probs": log_probs}
     if return_token_entropy:
         with torch.no_grad():

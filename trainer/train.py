@@ -103,6 +103,7 @@ def train(cfg: Config) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
+    model.config.use_cache = False  # no KV cache while training
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=fused)
@@ -161,6 +162,8 @@ def train(cfg: Config) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             interval_steps += 1
+            if step == start_step + 1:
+                checkpointer.prepare(model, optimizer)  # host buffers for snapshots, allocated off the loop
             checkpointer.raise_if_failed()
 
             metrics: dict[str, Any] = {}
