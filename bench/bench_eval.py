@@ -43,7 +43,7 @@ def throughput(work: Path, num_prompts: int) -> None:
     tok = backend.llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
     backend.generate(prompts[:8])  # warm-up
-    raw_params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024, ignore_eos=True, detokenize=False, seed=0)
+    raw_params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024, ignore_eos=True, detokenize=False)
     t0 = time.perf_counter()
     outs = backend.llm.generate(token_prompts, raw_params, use_tqdm=False)
     raw_s = time.perf_counter() - t0
