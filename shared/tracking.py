@@ -46,15 +46,13 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            wandb_dir = out_dir / "wandb"
-            wandb_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
                 project=cfg.wandb.project,
                 entity=cfg.wandb.entity,
                 group=cfg.wandb.group or cfg.run_name,
                 job_type=job_type,
                 name=f"{cfg.run_name}-{job_type}",
-                dir=str(wandb_dir),
+                dir=str(out_dir),  # W&B writes into out_dir/wandb
                 mode=self.mode,
                 config=cfg.to_dict(),
                 settings=wandb.Settings(silent=True, console="off"),

@@ -1,0 +1,279 @@
+"""The product as users run it: both services as real processes on one run directory (CPU, tiny model)."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, ledger_of, publish_copy, run_service, service_env, start_service, wait_for
+from shared.protocol import READY, RunLayout, Status, list_ready_checkpoints, verify_checkpoint
+
+SLOW_EVAL = {"evaluation": {"num_samples": 40, "max_tokens": 64, "hf_batch_size": 1}}
+
+
+def results(run_dir, name="default"):
+    return {int(p.stem[5:]): json.loads(p.read_text()) for p in RunLayout(run_dir).eval_dir(name).glob("step_*.json")}
+
+
+def status_of(run_dir, step):
+    return ledger_of(run_dir).get(step, {}).get("status")
+
+
+def settled(run_dir, steps):
+    return all(status_of(run_dir, s) in (Status.DONE, Status.SKIPPED) for s in steps)
+
+
+def stop(proc, sig=signal.SIGINT, timeout=30):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout)
+
+
+def train_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------- 1. two terminals
+
+
+@pytest.mark.parametrize("evaluator_first", [True, False], ids=["evaluator-first", "trainer-first"])
+def test_two_terminals(tmp_path, make_config, evaluator_first):
+    cfg = make_config({"training": {"max_steps": 8}})
+    run = tmp_path / "runs" / "tiny"
+    procs = []
+    if evaluator_first:
+        procs.append(start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log"))
+        wait_for(lambda: "watching" in (tmp_path / "eval.log").read_text(), 60, "evaluator start")
+    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log")
+    if not evaluator_first:
+        wait_for(lambda: list_ready_checkpoints(RunLayout(run).checkpoints_dir), 120, "first checkpoint")
+        procs.append(start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log"))
+    assert trainer.wait(180) == 0
+    wait_for(lambda: settled(run, [2, 4, 6, 8]) and status_of(run, 8) == Status.DONE, 120, "every checkpoint settled")
+    assert stop(procs[0]) == 0
+    assert set(results(run)) == {s for s in (2, 4, 6, 8) if status_of(run, s) == Status.DONE}
+
+
+def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_run):
+    """A frozen evaluator (SIGSTOP while it holds a checkpoint) does not slow the trainer down."""
+    def timed_training(cfg):
+        t0 = time.monotonic()
+        run_service("trainer", "--config", cfg)
+        return time.monotonic() - t0
+
+    updates = {"training": {"max_steps": 12}}
+    alone = timed_training(make_config({**updates, "run_name": "alone"}))
+    run = tmp_path / "runs" / "tiny"
+    publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
+    evaluator = start_service("evaluator", "--config", make_config(SLOW_EVAL, name="slow.yaml"), log=tmp_path / "eval.log")
+    try:
+        wait_for(lambda: status_of(run, 2) == Status.RUNNING, 60, "evaluation running")
+        evaluator.send_signal(signal.SIGSTOP)
+        # the checkpoint folder now holds a step the frozen evaluator leases; train a fresh run beside it
+        with_frozen = timed_training(make_config({**updates, "training": {**updates["training"], "keep_last": 1}}, name="t.yaml"))
+    finally:
+        evaluator.send_signal(signal.SIGCONT)
+        stop(evaluator)
+    assert with_frozen < alone * 1.5 + 3, (alone, with_frozen)
+    rows = [r for r in train_rows(run) if "train/checkpoint_blocked_s" in r]
+    assert rows and all(r["train/checkpoint_blocked_s"] < 1.0 for r in rows)
+    # retention kept the leased step 2 (published before the trainer started) while deleting others
+    assert 2 in list_ready_checkpoints(RunLayout(run).checkpoints_dir)
+
+
+# ------------------------------------------------------------------------------- 2. evaluator restart
+
+
+def wandb_history_steps(root: Path) -> list[int]:
+    """train_step of every history row in the W&B offline files under `root` (W&B's LevelDB-style log)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    steps = []
+    for path in root.rglob("*.wandb"):
+        data, pos, buf = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind == 2:
+                buf = chunk
+            elif kind == 3:
+                buf += chunk
+            elif kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf + chunk if kind == 4 else chunk)
+                if record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    if "eval/accuracy" in items:
+                        steps.append(items["train_step"])
+    return steps
+
+
+def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
+    cfg = make_config({"training": {"max_steps": 8}, "wandb": {"mode": "offline"},
+                       "evaluation": {**SLOW_EVAL["evaluation"], "backfill": True}})
+    run = tmp_path / "runs" / "tiny"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={**env, "MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"})
+    first = start_service("evaluator", "--config", cfg, log=tmp_path / "eval1.log", env_extra=env)
+    victim = wait_for(lambda: next((s for s, e in ledger_of(run).items() if e["status"] == Status.RUNNING), None), 180, "an evaluation")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    second = start_service("evaluator", "--config", cfg, log=tmp_path / "eval2.log", env_extra=env)
+    assert trainer.wait(300) == 0
+    wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (2, 4, 6, 8)), 300, "all evaluated")
+    assert stop(second, timeout=60) == 0
+    entries = ledger_of(run)
+    assert entries[victim]["attempts"] == 2  # the interrupted one: evaluated again, once
+    assert sorted(results(run)) == [2, 4, 6, 8]
+    eval_dir = RunLayout(run).eval_dir("default")
+    assert not [p for p in eval_dir.rglob("*") if p.name.startswith(".tmp")]
+    logged = [json.loads(line)["train_step"] for line in (eval_dir / "eval_log.jsonl").read_text().splitlines()]
+    assert sorted(logged) == [2, 4, 6, 8]
+    assert sorted(wandb_history_steps(eval_dir / "wandb")) == [2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------------------- 3. trainer crash mid-save
+
+
+def test_trainer_sigkill_mid_save_then_resume(tmp_path, make_config):
+    cfg = make_config()
+    run = tmp_path / "runs" / "tiny"
+    layout = RunLayout(run)
+    evaluator = start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log")
+    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"})
+    wait_for(lambda: layout.tmp_checkpoint_dir(4).exists() and (layout.checkpoint_dir(2) / READY).exists(), 120, "save of step 4")
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(10)
+    time.sleep(2)  # the evaluator sees the partial directory's events and must not touch it
+    assert 4 not in ledger_of(run)
+    assert ".tmp_step" not in (tmp_path / "eval.log").read_text()
+    assert not list(layout.leases_dir.glob("step_00000004*"))
+    proc = subprocess.run(["make", "-s", "train", f"CONFIG={cfg}"], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "removed incomplete checkpoint" in proc.stdout and "resumed from" in proc.stdout
+    assert not layout.tmp_checkpoint_dir(4).exists()
+    wait_for(lambda: status_of(run, 6) == Status.DONE, 120, "step 6 evaluated")
+    assert stop(evaluator) == 0
+    for step in list_ready_checkpoints(layout.checkpoints_dir):
+        verify_checkpoint(layout.checkpoint_dir(step))
+
+
+# ------------------------------------------------------------------------------- 4. after the fact, via make
+
+
+def test_make_eval_after_the_fact(run_copy, tmp_path, make_config):
+    cfg = make_config()
+
+    def make_eval(*args):
+        return subprocess.run(["make", "-s", "eval", f"CONFIG={cfg}", *args], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+
+    one = make_eval(f"CKPT={RunLayout(run_copy).checkpoint_dir(2)}")
+    assert one.returncode == 0 and "step        2: accuracy" in one.stdout, one.stderr
+    rest = make_eval(f"RUN={run_copy}")
+    assert rest.returncode == 0, rest.stderr
+    assert "step        2:" not in rest.stdout and "step        4:" in rest.stdout and "step        6:" in rest.stdout
+    again = make_eval(f"RUN={run_copy}")
+    assert again.returncode == 0 and "accuracy" not in again.stdout  # nothing missing any more
+    missing = make_eval(f"CKPT={tmp_path / 'nope'}")
+    assert missing.returncode != 0 and f"--ckpt {tmp_path / 'nope'}: no such directory" in missing.stderr
+
+
+# ------------------------------------------------------------------------------- 5. burst
+
+
+@pytest.mark.parametrize("backfill", [False, True])
+def test_burst_newest_next(trained_run, tmp_path, make_config, backfill):
+    run = tmp_path / "runs" / "tiny"
+    src = RunLayout(trained_run)
+    cfg = make_config({"evaluation": {**SLOW_EVAL["evaluation"], "backfill": backfill}})
+    evaluator = start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log")
+    wait_for(lambda: "watching" in (tmp_path / "eval.log").read_text(), 60, "evaluator start")
+    publish_copy(src.checkpoint_dir(2), run, 2)
+    wait_for(lambda: status_of(run, 2) == Status.RUNNING, 60, "step 2 running")
+    for step in (4, 6, 8):  # three checkpoints while step 2 is being evaluated
+        publish_copy(src.checkpoint_dir(min(step, 6)), run, step)
+    assert status_of(run, 2) == Status.RUNNING
+    wait_for(lambda: status_of(run, 8) == Status.DONE, 120, "step 8")
+    if backfill:
+        wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (4, 6)), 120, "back-fill")
+        order = [r["step"] for r in sorted(results(run).values(), key=lambda r: r["time"])]
+        assert order == [2, 8, 6, 4]
+    else:
+        time.sleep(1)
+        assert status_of(run, 4) == status_of(run, 6) == Status.SKIPPED
+        assert sorted(results(run)) == [2, 8]
+    assert stop(evaluator) == 0
+
+
+# ------------------------------------------------------------------------------- 6. graceful stop
+
+
+def test_trainer_ctrl_c_finishes_the_pending_checkpoint(tmp_path, make_config):
+    cfg = make_config({"training": {"max_steps": 200}})
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"})
+    wait_for(lambda: layout.tmp_checkpoint_dir(4).exists(), 120, "a save in progress")
+    trainer.send_signal(signal.SIGINT)
+    assert trainer.wait(60) == 0
+    assert "finishing the pending checkpoint" in (tmp_path / "train.log").read_text()
+    assert 4 in list_ready_checkpoints(layout.checkpoints_dir)
+    verify_checkpoint(layout.checkpoint_dir(4))
+    assert not [p for p in layout.checkpoints_dir.iterdir() if p.name.startswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def fake_one_gpu(tmp_path):
+    """An `nvidia-smi` that reports one GPU: only the GPU can't exist here, so only it is faked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return bin_dir
+
+
+def test_bad_input_one_clear_line_and_nothing_changed(run_copy, tmp_path, make_config, fake_one_gpu):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "p", "response": "r </think> <answer> 1 </answer>"}\n{"prompt": "p"\n')
+    before = snapshot(run_copy)
+    cases = [
+        ("trainer", [make_config({"training": {"learning_rat": 1}}, name="typo.yaml").__str__()],
+         {}, "unknown key 'training.learning_rat'; did you mean 'training.learning_rate'?"),
+        ("trainer", [str(make_config({"training": {"data": {"path": str(tmp_path / "missing.jsonl")}}}, name="m.yaml"))],
+         {}, f"data file not found: {tmp_path / 'missing.jsonl'}"),
+        ("trainer", [str(make_config({"training": {"data": {"path": str(bad_jsonl)}}}, name="b.yaml"))],
+         {}, f"{bad_jsonl}:2: not valid JSON"),
+        ("evaluator", [str(make_config(name="c.yaml")), "--ckpt", str(tmp_path / "nothing")],
+         {}, f"--ckpt {tmp_path / 'nothing'}: no such directory"),
+        ("trainer", [str(make_config({"training": {"gpus": [3]}}, name="g.yaml"))],
+         {"PATH": f"{fake_one_gpu}:{os.environ['PATH']}"}, "training.gpus=[3]: GPU 3 does not exist; this machine has 1 (0-0)"),
+    ]
+    for module, args, env, message in cases:
+        env_full = service_env(**env)
+        env_full.pop("CUDA_VISIBLE_DEVICES")
+        proc = subprocess.run([sys.executable, "-m", module, "--config", *args], cwd=REPO, env=env_full, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (module, args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (message, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert snapshot(run_copy) == before
