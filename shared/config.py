@@ -51,8 +51,7 @@ class DatasetConfig:
     def validate(self, key: str) -> None:
         if not self.path:
             raise ConfigError(f"{key}.path: must not be empty")
-        if self.num_examples is not None and self.num_examples < 1:
-            raise ConfigError(f"{key}.num_examples: must be >= 1, got {self.num_examples}")
+        _positive_or_null(key, self, "num_examples")
 
 
 @dataclass
@@ -134,10 +133,7 @@ class TrainingConfig:
             raise ConfigError(f"{key}.adam_betas: must be two numbers in [0, 1), got {self.adam_betas}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"{key}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ConfigError(f"{key}.keep_last: must be >= 1 or null (keep all), got {self.keep_last}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"{key}.num_threads: must be >= 1 or null, got {self.num_threads}")
+        _positive_or_null(key, self, "keep_last", "num_threads")
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
 
@@ -193,18 +189,13 @@ class EvaluationConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"{key}.name: must be a plain folder name, got {self.name!r}")
         _positive(key, self, "max_tokens", "hf_batch_size", "rescan_s", "grader_timeout_s")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ConfigError(f"{key}.num_samples: must be >= 1 or null (all), got {self.num_samples}")
+        _positive_or_null(key, self, "num_samples", "num_threads", "num_grader_workers")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"{key}.num_threads: must be >= 1 or null, got {self.num_threads}")
-        if self.num_grader_workers is not None and self.num_grader_workers < 1:
-            raise ConfigError(f"{key}.num_grader_workers: must be >= 1 or null, got {self.num_grader_workers}")
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
 
@@ -273,6 +264,13 @@ def _positive(key: str, obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if not value > 0:
             raise ConfigError(f"{key}.{name}: must be > 0, got {value}")
+
+
+def _positive_or_null(key: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}.{name}: must be >= 1 or null, got {value}")
 
 
 def _gpu_list(key: str, name: str, gpus: list[int]) -> None:

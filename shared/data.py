@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from shared.config import EMBEDDED_DATA, DatasetConfig
 
@@ -154,30 +154,37 @@ def detect_format(record: dict[str, Any], where: str) -> str:
     )
 
 
+def _to_examples(records: Iterable[tuple[str, Any]], fmt: str, limit: int | None, source: str) -> list[Example]:
+    """Records (with where each came from) -> Examples; the layout is detected from the first one."""
+    examples = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if fmt == "auto":
+            fmt = detect_format(record, where)
+        examples.append(_READERS[fmt](record, where))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(f"{source}: empty data set (no records)")
+    return examples
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def read_jsonl(path: Path, fmt: str = "auto", limit: int | None = None) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if fmt == "auto":
-                fmt = detect_format(record, where)
-            examples.append(_READERS[fmt](record, where))
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise DataError(f"{path}: empty data set (no records)")
-    return examples
+    return _to_examples(_jsonl_records(path), fmt, limit, str(path))
 
 
 def _read_hf(name: str, split: str, fmt: str, limit: int | None) -> list[Example]:
@@ -185,18 +192,8 @@ def _read_hf(name: str, split: str, fmt: str, limit: int | None) -> list[Example
         import datasets
     except ImportError:
         raise DataError(f"hf:{name}: reading a hub data set needs the 'datasets' package (pip install datasets)") from None
-    rows: Iterable[dict[str, Any]] = datasets.load_dataset(name, split=split)
-    examples = []
-    for i, record in enumerate(rows):
-        where = f"hf:{name}[{split}] row {i}"
-        if fmt == "auto":
-            fmt = detect_format(record, where)
-        examples.append(_READERS[fmt](record, where))
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise DataError(f"hf:{name}[{split}]: empty data set")
-    return examples
+    rows = datasets.load_dataset(name, split=split)
+    return _to_examples(((f"hf:{name}[{split}] row {i}", r) for i, r in enumerate(rows)), fmt, limit, f"hf:{name}[{split}]")
 
 
 def load_dataset(cfg: DatasetConfig) -> list[Example]:
