@@ -219,7 +219,12 @@ class VLLMBackend:
         # for large batches. The engine is seeded once (LLM(seed=...)) instead.
         params = self.vllm.SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                           stop=cfg.stop or None, include_stop_str_in_output=True)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
+            self.close()
+            self.signature = None  # the next checkpoint starts a fresh engine
+            raise EngineError(f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted") from exc
         if progress:
             progress(len(prompts))
         results = []

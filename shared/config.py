@@ -137,9 +137,6 @@ class TrainingConfig:
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 @dataclass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from shared.config import ConfigError, load_config
 from shared.data import DataError
-from shared.launch import pin_gpus, run_main
+from shared.launch import physical_gpu_count, pin_gpus, run_main
 
 
 def main() -> int:
@@ -16,15 +18,25 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-5")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    print(f"trainer: run {cfg.run_dir}; {pin_gpus(cfg.training.gpus, 'training.gpus')}")
+    pinned = pin_gpus(cfg.training.gpus, "training.gpus")
+    if "WORLD_SIZE" not in os.environ:
+        print(f"trainer: run {cfg.run_dir}; {pinned}")
+        visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        if len(visible) > 1 and physical_gpu_count() > 0:
+            # Several GPUs: one process per GPU under torchrun (FSDP2). On one node; for several nodes
+            # run torchrun yourself (see README), which sets WORLD_SIZE and skips this.
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(visible)}", "-m", "trainer", *sys.argv[1:]]
+            print(f"trainer: launching {len(visible)} processes: {' '.join(argv[1:])}", flush=True)
+            os.execv(sys.executable, argv)
 
-    from trainer.checkpoint import CheckpointWriteError
+    from trainer.checkpoint import CheckpointWriteError, ResumeError
     from trainer.train import train
 
     try:
         train(cfg)
-    except CheckpointWriteError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (CheckpointWriteError, ResumeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

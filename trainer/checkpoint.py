@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
     TRAINER_STATE_DIR,
@@ -124,9 +125,11 @@ class _Snapshot:
 
 
 class AsyncCheckpointer:
-    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path, keep_last: int | None):
+    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path, keep_last: int | None, d: Dist = Dist()):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
-        files; they are copied into every checkpoint (weights come from the snapshot)."""
+        files; they are copied into every checkpoint (weights come from the snapshot). With several
+        processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard."""
+        self.d = d
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
@@ -163,8 +166,18 @@ class AsyncCheckpointer:
         """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held."""
         t0 = time.perf_counter()
         waited = self.wait()
-        weights = self._model_snapshot.take(untied_state_dict(model))
-        state = self._state_snapshot.take({"optimizer": optimizer.state_dict(), "rng": _rng_state()})
+        if self.d.enabled:
+            if self.d.is_main:  # the one creator of the temporary directory, before any rank writes into it
+                tmp = self.layout.tmp_checkpoint_dir(step)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
+            barrier(self.d)
+            weights = full_model_state_on_rank0(model)  # collective; already host copies
+            state = self._state_snapshot.take({"optimizer": local_optimizer_state(optimizer), "rng": _rng_state()})
+            trainer_state = {**trainer_state, "world_size": self.d.world}
+        else:
+            weights = self._model_snapshot.take(untied_state_dict(model))
+            state = self._state_snapshot.take({"optimizer": optimizer.state_dict(), "rng": _rng_state()})
         self._thread = threading.Thread(target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True)
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
@@ -194,22 +207,41 @@ class AsyncCheckpointer:
         try:
             self._model_snapshot.wait_host()
             self._state_snapshot.wait_host()
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
-            _write_safetensors(weights, tmp)
-            for name, data in self.static_files.items():
-                (tmp / name).write_bytes(data)
-                _fault_pause()
-            torch.save(state, tmp / TRAINER_STATE_DIR / "state.pt")
-            (tmp / TRAINER_STATE_DIR / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+            if not self.d.enabled:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
+            if self.d.is_main:
+                _write_safetensors(weights, tmp)
+                for name, data in self.static_files.items():
+                    (tmp / name).write_bytes(data)
+                    _fault_pause()
+                (tmp / TRAINER_STATE_DIR / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+            # A rank's shard appears under its final name only when complete (rename), which is
+            # what rank 0 waits for before publishing.
+            shard = tmp / TRAINER_STATE_DIR / state_file_name(self.d)
+            torch.save(state, shard.with_suffix(".partial"))
+            shard.with_suffix(".partial").rename(shard)
             _fault_pause()
+            if not self.d.is_main:
+                self.last_published = step
+                return
+            self._wait_for_shards(tmp)
             publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash)
             self.last_published = step
             self._apply_retention()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
-            shutil.rmtree(tmp, ignore_errors=True)
+            if self.d.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
             self._error = CheckpointWriteError(f"saving checkpoint {step} to {tmp} failed: {exc}")
             self._error.__cause__ = exc
+
+    def _wait_for_shards(self, tmp: Path, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        names = [state_file_name(Dist(rank, self.d.world)) for rank in range(self.d.world)]
+        while not all((tmp / TRAINER_STATE_DIR / n).exists() for n in names):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"other ranks did not write their optimizer shards into {tmp} within {timeout_s:.0f}s")
+            time.sleep(0.05)
 
     def _apply_retention(self) -> None:
         if self.keep_last is None:
@@ -264,10 +296,22 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def load_trainer_state(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor state {optimizer, rng}, trainer_state json) of a verified checkpoint."""
-    state = torch.load(checkpoint_dir / TRAINER_STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
+def state_file_name(d: Dist) -> str:
+    return f"state_rank{d.rank:05d}.pt" if d.enabled else "state.pt"
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor state {optimizer, rng} of this rank, trainer_state json) of a verified checkpoint."""
     meta = json.loads((checkpoint_dir / TRAINER_STATE_DIR / "trainer_state.json").read_text())
+    saved_world = meta.get("world_size", 1)
+    if saved_world != d.world:
+        raise ResumeError(f"{checkpoint_dir} was written by {saved_world} training process(es) and this run has {d.world}; "
+                          f"resume with {saved_world} GPU(s) in training.gpus, or start a new run_name")
+    state = torch.load(checkpoint_dir / TRAINER_STATE_DIR / state_file_name(d), map_location="cpu", weights_only=True)
     return state, meta
 
 

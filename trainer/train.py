@@ -13,11 +13,20 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.config import EMBEDDED_MODEL, Config
+from shared.config import EMBEDDED_MODEL, Config, ConfigError
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt
 from shared.protocol import CheckpointInvalid, RunLayout, atomic_write_bytes, list_ready_checkpoints, remove_tmp_dirs, verify_checkpoint
 from shared.tracking import Tracker
 from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, restore_rng
+from trainer.distributed import (
+    all_reduce_sum,
+    barrier,
+    full_tensor,
+    init_distributed,
+    load_local_optimizer_state,
+    shard_model,
+    shutdown,
+)
 from trainer.embedded import save_embedded_model
 from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
 
@@ -84,8 +93,16 @@ def train(cfg: Config) -> dict[str, Any]:
     layout = RunLayout(cfg.run_dir)
 
     # ---------------------------------------------------------------- setup (nothing written yet)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = init_distributed()
+    if tc.batch_size % (tc.micro_batch_size * d.world):
+        raise ConfigError(f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
+                         f"({tc.micro_batch_size}) x {d.world} processes")
+    grad_accum_steps = tc.batch_size // (tc.micro_batch_size * d.world)
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[tc.dtype]
+    # Sharded training keeps fp32 master parameters and computes in `dtype`; one process trains in `dtype`.
+    param_dtype = torch.float32 if d.enabled else dtype
+    log = print if d.is_main else (lambda *a, **k: None)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     template = load_prompt_template(cfg.prompt_template_path())
@@ -93,31 +110,37 @@ def train(cfg: Config) -> dict[str, Any]:
     order = DataOrder(len(train_set), tc.seed)
 
     # ---------------------------------------------------------------- run directory, model
-    layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_tmp_dirs(layout.checkpoints_dir):
-        print(f"removed incomplete checkpoint {leftover}")
-    atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    if d.is_main:
+        layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_tmp_dirs(layout.checkpoints_dir):
+            print(f"removed incomplete checkpoint {leftover}")
+        atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        if not newest_valid_checkpoint(layout):
+            resolve_model_path(cfg, layout, template, train_set)
+    barrier(d)
     resume_from = newest_valid_checkpoint(layout)
     model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
+        model_path, dtype=param_dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
     model.config.use_cache = False  # no KV cache while training
     model.train()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=fused)
+    if d.enabled:
+        shard_model(model, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+                                  fused=device.type == "cuda" and not d.enabled)
     start_step = 0
     if resume_from:
-        state, meta = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state, meta = load_trainer_state(resume_from, d)
+        load_local_optimizer_state(optimizer, state["optimizer"]) if d.enabled else optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         start_step = meta["step"]
-        print(f"resumed from {resume_from} (step {start_step})")
-    checkpointer = AsyncCheckpointer(layout, cfg.hash(), Path(model_path), tc.keep_last)
-    tracker = Tracker(cfg, "train", "train_step", layout.run_dir)
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device}; {len(train_set)} training examples")
+        log(f"resumed from {resume_from} (step {start_step})")
+    checkpointer = AsyncCheckpointer(layout, cfg.hash(), Path(model_path), tc.keep_last, d)
+    tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
+    num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
+    log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device} x {d.world}; {len(train_set)} training examples")
 
     # SIGTERM behaves like Ctrl-C: stop after the current step, finish the pending save, exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -127,12 +150,15 @@ def train(cfg: Config) -> dict[str, Any]:
     flops_per_token = 6 * num_params
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not d.is_main)
+    local_batch = tc.batch_size // d.world
     try:
         while step < tc.max_steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
-            positions = range(step * tc.batch_size, (step + 1) * tc.batch_size)
+            # This rank's slice of the global batch: the same examples in the same order for any world size.
+            first = step * tc.batch_size + d.rank * local_batch
+            positions = range(first, first + local_batch)
             batch = [train_set[order[p]] for p in positions]
             micro = [
                 tokenize_prompt_and_output(
@@ -141,10 +167,10 @@ def train(cfg: Config) -> dict[str, Any]:
                     tokenizer,
                     max_len=tc.max_seq_len,
                 )
-                for i in range(0, tc.batch_size, tc.micro_batch_size)
+                for i in range(0, local_batch, tc.micro_batch_size)
             ]
             # Per-token mean over the whole global batch: normalize by response tokens per example.
-            num_response_tokens = sum(int(m["response_mask"].sum()) for m in micro)
+            num_response_tokens = all_reduce_sum(sum(int(m["response_mask"].sum()) for m in micro), d, device)
             normalize = max(1, num_response_tokens) / tc.batch_size
             interval_tokens += sum(int((m["labels"] != tokenizer.pad_token_id).sum()) + len(m["labels"]) for m in micro)
             log_now = (step + 1) % tc.log_every == 0
@@ -152,7 +178,7 @@ def train(cfg: Config) -> dict[str, Any]:
             for mb in micro:
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
                 out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=log_now)
-                loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], tc.grad_accum_steps, normalize)
+                loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], grad_accum_steps, normalize)
                 loss_sum += loss.detach()
                 if log_now:
                     entropy_sum += (out["token_entropy"] * mb["response_mask"]).sum()
@@ -171,32 +197,37 @@ def train(cfg: Config) -> dict[str, Any]:
                 saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash()})
                 metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
             if log_now or metrics:
-                loss_value = float(loss_sum)  # waits for the device: only on logging steps
+                # Global figures (sums over ranks); this waits for the device: only on logging steps.
+                loss_value = all_reduce_sum(loss_sum, d, device) / d.world
                 elapsed = time.perf_counter() - interval_t0
-                tokens_per_s = interval_tokens / elapsed
+                tokens_per_s = all_reduce_sum(interval_tokens, d, device) / elapsed
+                grad_norm = float(full_tensor(grad_norm))
                 metrics.update({
                     "train_step": step,
                     "train/loss": loss_value,
-                    "train/grad_norm": float(grad_norm),
+                    "train/grad_norm": grad_norm,
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/tokens_per_s": tokens_per_s,
                     "train/step_s": elapsed / interval_steps,
                 })
                 if log_now:
-                    metrics["train/response_entropy"] = float(entropy_sum) / max(1, num_response_tokens)
+                    metrics["train/response_entropy"] = all_reduce_sum(entropy_sum, d, device) / max(1, num_response_tokens)
                 if peak_flops:
                     metrics["train/mfu"] = flops_per_token * tokens_per_s / peak_flops
                     metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                tracker.log(metrics)
-                bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{float(grad_norm):.2f}", lr=f"{metrics['train/lr']:.2e}",
+                if tracker:
+                    tracker.log(metrics)
+                bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{grad_norm:.2f}", lr=f"{metrics['train/lr']:.2e}",
                                 tok_s=f"{tokens_per_s:.0f}", refresh=False)
                 interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
             bar.update(1)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: finishing the pending checkpoint")
+        log(f"\ninterrupted at step {step}: finishing the pending checkpoint")
     finally:
         bar.close()
         waited = checkpointer.wait()
-        tracker.finish()
-    print(f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)")
+        if tracker:
+            tracker.finish()
+        shutdown(d)
+    log(f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)")
     return {"step": step, "last_checkpoint": checkpointer.last_published}

@@ -1,0 +1,98 @@
+"""FSDP2 on the CPU: two processes under torchrun with the gloo backend."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, run_service, service_env
+from shared.protocol import RunLayout, verify_checkpoint
+
+
+def torchrun(cfg, nproc=2, check=True):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "trainer", "--config", str(cfg)], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(run_dir):
+    return {r["train_step"]: r["train/loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("fsdp")
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "runs_dir": str(root / "runs")}))
+    torchrun(cfg)
+    return root / "runs" / "tiny"
+
+
+def test_two_processes_match_one_with_the_same_global_batch(trained_run, sharded_run):
+    one, two = losses(trained_run), losses(sharded_run)
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    a = load_file(RunLayout(trained_run).checkpoint_dir(6) / "model.safetensors")
+    b = load_file(RunLayout(sharded_run).checkpoint_dir(6) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
+
+
+def test_sharded_checkpoint_layout(sharded_run):
+    ckpt = RunLayout(sharded_run).checkpoint_dir(6)
+    manifest = verify_checkpoint(ckpt)
+    assert {"trainer_state/state_rank00000.pt", "trainer_state/state_rank00001.pt", "model.safetensors"} <= set(manifest["files"])
+    assert json.loads((ckpt / "trainer_state" / "trainer_state.json").read_text())["world_size"] == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)  # ordinary safetensors, loadable as is
+
+
+def test_resume_on_the_same_number_of_processes(sharded_run, tmp_path, make_config):
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(sharded_run, run)
+    for step in (4, 6):
+        shutil.rmtree(RunLayout(run).checkpoint_dir(step))
+    (run / "train_log.jsonl").unlink()
+    out = torchrun(make_config()).stdout
+    assert "resumed from" in out
+    resumed, straight = losses(run), losses(sharded_run)
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
+def test_resume_on_a_different_number_is_a_clear_error(sharded_run, tmp_path, make_config):
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(sharded_run, run)
+    proc = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}}), check=False)
+    assert proc.returncode == 2
+    assert "was written by 2 training process(es) and this run has 1" in proc.stderr
+
+
+def test_make_train_with_two_gpus_launches_torchrun(tmp_path, make_config):
+    """`training.gpus: [0, 1]` on a two-GPU machine re-launches the trainer under torchrun, one process
+    per GPU. Only the GPUs are faked here (an nvidia-smi that lists two); the processes run on the CPU."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = service_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("CUDA_VISIBLE_DEVICES")
+    cfg = make_config({"training": {"gpus": [0, 1], "max_steps": 2}})
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "launching 2 processes" in proc.stdout
+    manifest = verify_checkpoint(RunLayout(tmp_path / "runs" / "tiny").checkpoint_dir(2))
+    assert "trainer_state/state_rank00001.pt" in manifest["files"]

@@ -1,0 +1,116 @@
+"""Several processes (torchrun) with FSDP2: sharded parameters, gradients and optimizer state.
+
+One process stays the plain default: every helper here is a no-op when WORLD_SIZE is 1.
+Invariants:
+- Every rank sees the same global batch order; rank r takes the r-th slice of each global batch, so
+  the loss and gradients equal the single-process ones (up to floating-point reduction order).
+- Only rank 0 writes model files, logs and applies retention; each rank writes its own optimizer shard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); Dist() without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), world, local_rank)
+
+
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """FSDP2: one unit per decoder layer plus the root. Parameters stay fp32 (the optimizer's master
+    copy); compute runs in `compute_dtype`, gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def all_reduce_sum(value: float | torch.Tensor, d: Dist, device: torch.device) -> float:
+    if not d.enabled:
+        return float(value)
+    t = torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device).clone()
+    dist.all_reduce(t)
+    return float(t)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_model_state_on_rank0(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights gathered to rank 0's CPU memory, one parameter at a time (never the
+    full model on one GPU). Collective: every rank calls it; other ranks get {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = tied.keys() if isinstance(tied, dict) else tied
+    if getattr(model.config, "tie_word_embeddings", False):
+        for name in tied:
+            state.pop(name, None)  # re-tied from the config on load, as save_pretrained does
+    return state
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shard of the optimizer state, as plain tensors (DTensors unwrapped)."""
+    state = optimizer.state_dict()
+    return {
+        "state": {k: {n: (v.to_local() if hasattr(v, "to_local") else v) for n, v in s.items()} for k, s in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Inverse of local_optimizer_state: wrap each shard back into a DTensor laid out like its parameter."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for key, entry in saved["state"].items():
+        param = params[int(key)]
+        state[key] = {
+            name: DTensor.from_local(v.to(param.device), param.device_mesh, param.placements, run_check=False)
+            if isinstance(param, DTensor) and v.dim() > 0 else v
+            for name, v in entry.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
