@@ -70,10 +70,26 @@ def run_service(module: str, *args: str, env_extra: dict | None = None, timeout:
     return proc
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
 def start_service(module: str, *args: str, log: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    """Start a service in the background; the `_no_leftover_services` fixture kills it if a test fails."""
     f = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
+    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
                             stdout=f, stderr=subprocess.STDOUT, text=True)
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_services():
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -151,7 +151,10 @@ class AsyncCheckpointer:
         first save does not stall on pinning memory. `save` waits for it if it is still running."""
         if self._model_snapshot.stream is None:
             return  # CPU: plain buffers, allocated on first use in no time
-        trees = (untied_state_dict(model), {"optimizer": optimizer.state_dict(), "rng": _rng_state()})
+        if self.d.enabled:  # weights are gathered to rank 0 at save time; only this rank's shard is snapshotted
+            trees = ({}, {"optimizer": local_optimizer_state(optimizer), "rng": _rng_state()})
+        else:
+            trees = (untied_state_dict(model), {"optimizer": optimizer.state_dict(), "rng": _rng_state()})
         self._thread = threading.Thread(target=self._allocate, args=trees, name="ckpt-alloc", daemon=True)
         self._thread.start()
 
