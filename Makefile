@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# On a machine without an NVIDIA GPU the CPU build of torch is enough (and ~5 GB smaller).
+# Without an NVIDIA GPU, ask for torch 2.13.0: on this workplace's machines pip finds a CPU build of it
+# on disk (its find-links); elsewhere it is PyPI's build. TORCH_SPEC= lets pip choose.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
 CONFIG ?=
@@ -21,11 +22,13 @@ config_flag := $(if $(CONFIG),--config $(CONFIG))
 
 setup: $(STAMP)
 
+# flock: `make train` and `make eval` started together on a fresh clone must not install twice at once.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install -q "$(TORCH_SPEC)" || true)
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	flock .setup.lock sh -c '\
+	  if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then exit 0; fi; \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV) || exit 1; \
+	  if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)" || echo "note: $(TORCH_SPEC) not available; pip chooses torch"; fi; \
+	  $(PY) -m pip install -q -e ".[dev]" && touch $(STAMP)'
 
 train: setup
 	$(PY) -m trainer $(config_flag) $(ARGS)

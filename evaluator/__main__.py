@@ -46,25 +46,31 @@ def main() -> int:
     print(f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}")
 
     from evaluator.backends import EngineError, make_backend
-    from evaluator.service import Evaluator, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
+    from evaluator.service import Evaluator, Stop, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
     from shared.tracking import Tracker
 
     install_stop_handlers()
     out_dir = results_dir_for(cfg, Path(args.ckpt), args.out) if args.ckpt else RunLayout(run_dir).eval_dir(cfg.evaluation.name)
-    backend = make_backend(cfg.evaluation, cfg.model.trust_remote_code)
-    tracker = Tracker(cfg, "eval", "train_step", out_dir)
-    evaluator = Evaluator(cfg, backend, tracker)
+    tracker = evaluator = None
     try:
+        backend = make_backend(cfg.evaluation, cfg.model.trust_remote_code)
+        tracker = Tracker(cfg, "eval", "train_step", out_dir)
+        evaluator = Evaluator(cfg, backend, tracker)
         if args.ckpt:
             evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
             return 0
         return serve_run(cfg, run_dir, evaluator, once=args.once, force=args.force)
     except EngineError as exc:
         raise UsageError(str(exc)) from None
+    except Stop:
+        print("evaluator: stopped")
+        return 0
     finally:
-        evaluator.close()
-        tracker.finish()
+        if evaluator is not None:
+            evaluator.close()
+        if tracker is not None:
+            tracker.finish()
 
 
 if __name__ == "__main__":
-    run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError))
+    run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError, ValueError))

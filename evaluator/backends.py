@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from shared.config import EvaluationConfig
+from shared.hf_models import tied_weight_names
 
 SUPPORTED_VLLM = ("0.26.",)
 """vLLM versions whose in-place reload (collective_rpc reload_weights) this code was checked with."""
@@ -80,11 +81,13 @@ class HFBackend:
             if signature == self.signature:
                 state = _read_safetensors(ckpt_dir)
                 missing, unexpected = self.model.load_state_dict(state, strict=False)
-                real_missing = [m for m in missing if not _is_tied(self.model, m)]
+                real_missing = [m for m in missing if m not in tied_weight_names(self.model)]
                 if real_missing or unexpected:
                     raise EngineError(f"{ckpt_dir}: weights do not match the loaded model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
                 return "in-place"
             self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=self.trust_remote_code, padding_side="left")
+            if self.tokenizer.pad_token is None:  # batched generation pads; many base models define no pad token
+                self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model = AutoModelForCausalLM.from_pretrained(
                 ckpt_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
             ).to(self.device).eval()
@@ -140,11 +143,6 @@ class HFBackend:
 
     def close(self) -> None:
         self.model = None
-
-
-def _is_tied(model, name: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    return name in (tied.keys() if isinstance(tied, dict) else tied)
 
 
 def _read_safetensors(ckpt_dir: Path):

@@ -28,11 +28,17 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_connections
 from typing import Callable, Iterator
 
+from shared.data import last_boxed
+
 MAX_ANSWER_CHARS = 1000
 """Answers longer than this are not parsed symbolically (they are garbage or a proof, not an answer)."""
 
+MAX_DEFAULT_WORKERS = 16
+"""Grading workers when none is configured: each holds sympy (~100 MB); 16 grade 5,000 answers in seconds."""
+
 _FORMAT_OPEN = "</think> <answer>"
 _ZERO = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+_FORMATTED_WRONG = {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
 
 
 class GradeTimeout(BaseException):
@@ -53,14 +59,8 @@ def extract_answer(response: str) -> str | None:
     if end < 0:
         return None
     answer = response[body_start:end]
-    boxed = _last_boxed(answer)
+    boxed = last_boxed(answer)
     return boxed if boxed is not None else answer
-
-
-def _last_boxed(text: str) -> str | None:
-    from shared.data import last_boxed
-
-    return last_boxed(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,9 +215,9 @@ def _grade_in_main_thread(response: str, ground_truth, timeout_s: float) -> tupl
         with _alarm(timeout_s):
             return grade(response, ground_truth), None
     except GradeTimeout:
-        return {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}, "timeout"
+        return dict(_FORMATTED_WRONG), "timeout"
     except Exception:  # noqa: BLE001 - a parser bug must not stop an evaluation
-        return {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}, "error"
+        return dict(_FORMATTED_WRONG), "error"
 
 
 def r1_zero_reward(response: str, ground_truth: str | list[str], timeout_s: float = 5.0) -> dict[str, float]:
@@ -268,7 +268,7 @@ class GraderPool:
     KILL_GRACE_S = 1.0
 
     def __init__(self, num_workers: int | None, timeout_s: float):
-        self.num_workers = num_workers or os.cpu_count() or 1
+        self.num_workers = num_workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
         self.timeout_s = timeout_s
         # spawn: forking a process that runs threads (vLLM, watchdog) can deadlock the child.
         self._ctx = mp.get_context("spawn")
@@ -305,7 +305,11 @@ class GraderPool:
             for slot in range(self.num_workers):
                 if slot not in busy and todo:
                     i = todo.pop()
-                    self._workers[slot][1].send((i, responses[i], ground_truths[i]))
+                    try:
+                        self._workers[slot][1].send((i, responses[i], ground_truths[i]))
+                    except OSError:  # the worker died while idle (e.g. killed for memory): replace it
+                        self._replace(slot)
+                        self._workers[slot][1].send((i, responses[i], ground_truths[i]))
                     busy[slot] = (i, time.monotonic() + self.timeout_s + self.KILL_GRACE_S)
             conns = {self._workers[slot][1]: slot for slot in busy}
             ready = wait_connections(list(conns), timeout=max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
@@ -316,7 +320,7 @@ class GraderPool:
                 except (EOFError, OSError):  # the worker died (e.g. out of memory)
                     index, rewards, problem = busy[slot][0], None, "error"
                     self._replace(slot)
-                results[index] = rewards or {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+                results[index] = rewards or dict(_FORMATTED_WRONG)
                 if problem:
                     stats["grader_timeouts" if problem == "timeout" else "grader_errors"] += 1
                 del busy[slot]
@@ -326,7 +330,7 @@ class GraderPool:
             for slot, (index, deadline) in list(busy.items()):
                 if now > deadline:
                     self._replace(slot)
-                    results[index] = {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+                    results[index] = dict(_FORMATTED_WRONG)
                     stats["grader_timeouts"] += 1
                     del busy[slot]
                     if progress:

@@ -29,13 +29,13 @@ class Claim:
 
 def _claimable(entry: dict[str, Any] | None, force: bool) -> tuple[bool, bool]:
     """(may we take this step, was it interrupted)."""
-    if entry is None or force:
+    if entry is None:
         return True, False
     status = entry["status"]
-    if status == Status.RUNNING:
+    if status == Status.RUNNING:  # even --force never takes a step from a live evaluator
         dead = not owner_alive(entry.get("owner", {}))
         return dead, dead
-    return status == Status.PENDING, False
+    return force or status == Status.PENDING, False
 
 
 def claim_next(ledger: Ledger, ready: list[int], *, backfill: bool, newest_first: bool, force: frozenset[int] = frozenset()) -> Claim | None:

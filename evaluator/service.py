@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,27 @@ class Stop(Exception):
     """SIGINT/SIGTERM: stop taking work, drop the evaluation in progress, exit 0."""
 
 
+_stop_state = {"deferred": False, "requested": False}
+
+
 def _raise_stop(signum, frame):
+    if _stop_state["deferred"]:
+        _stop_state["requested"] = True  # raised when the records being written are complete
+        return
     raise Stop()
+
+
+@contextmanager
+def stop_deferred():
+    """Results, ledger and W&B are written together or not at all: a stop waits for the end of this block."""
+    _stop_state["deferred"] = True
+    try:
+        yield
+    finally:
+        _stop_state["deferred"] = False
+        requested, _stop_state["requested"] = _stop_state["requested"], False
+        if requested:
+            raise Stop()
 
 
 def compute_metrics(examples: list[Example], generations: list[Generation], rewards: list[dict[str, float]]) -> dict[str, float]:
@@ -211,27 +231,25 @@ def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, s
             verify_s = time.perf_counter() - t0
             result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
             result["timings_s"]["verify"] = verify_s
-    except CheckpointInvalid as exc:
-        reason = str(exc)
-        if not ckpt_dir.exists():
-            reason = f"{ckpt_dir}: deleted before it could be evaluated"
-        ledger.set(step, Status.FAILED, reason=reason)
-        print(f"step {step}: not evaluated: {reason}")
-        return
-    except EngineError as exc:
-        gone = not (ckpt_dir / READY).exists()
-        reason = f"{ckpt_dir}: deleted while being evaluated" if gone else str(exc)
-        ledger.set(step, Status.FAILED, reason=reason)
-        print(f"step {step}: not evaluated: {reason}")
-        return
-    except BaseException:
-        # Interrupted (Stop, Ctrl-C, crash): give the claim back so the step is evaluated later.
+    except (Stop, KeyboardInterrupt):
+        # Interrupted: give the claim back so the step is evaluated later.
         ledger.update(lambda entries: entries.pop(step, None))
         raise
-    write_result(layout.result_path(name, step), layout.samples_path(name, step), result, samples)
-    ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=False)
-    evaluator.log(result, samples)
-    ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=True)
+    except Exception as exc:  # noqa: BLE001 - a bad checkpoint (or an engine failure) must not stop the service
+        if not (ckpt_dir / READY).exists():
+            reason = f"{ckpt_dir}: deleted before or while being evaluated"
+        elif isinstance(exc, (CheckpointInvalid, EngineError)):
+            reason = str(exc)
+        else:
+            reason = f"{ckpt_dir}: {type(exc).__name__}: {exc}"
+        ledger.set(step, Status.FAILED, reason=reason)
+        print(f"step {step}: not evaluated: {reason}")
+        return
+    with stop_deferred():
+        write_result(layout.result_path(name, step), layout.samples_path(name, step), result, samples)
+        ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=False)
+        evaluator.log(result, samples)
+        ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=True)
     print(summary_line(result))
 
 

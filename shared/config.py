@@ -170,7 +170,7 @@ class EvaluationConfig:
     grader_timeout_s: float = 5.0
     """Wall-clock bound on grading one response; a timeout counts as wrong."""
     num_grader_workers: int | None = None
-    """Processes that grade in parallel; null = all cores."""
+    """Processes that grade in parallel; null = one per core, at most 16."""
     observer: Literal["auto", "inotify", "polling"] = "auto"
     """How new checkpoints are noticed: auto = the OS's native watcher, polling on failure. Use polling on network filesystems."""
     rescan_s: float = 30.0

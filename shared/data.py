@@ -64,10 +64,11 @@ def last_boxed(text: str) -> str | None:
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.find("{", start)
-    if i < 0:
-        rest = text[start:].split("$")[0].split()
-        return rest[1] if text[start:].startswith("\\boxed ") and len(rest) > 1 else None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if not text[i:].lstrip().startswith("{"):  # "\\boxed 3": the next token is the answer
+        rest = text[i:].split("$")[0].split()
+        return rest[0] if rest else None
+    i = text.index("{", i)
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":

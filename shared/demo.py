@@ -51,7 +51,10 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     finally:
         if evaluator.poll() is None:
             evaluator.send_signal(signal.SIGINT)
-            evaluator.wait(60)
+            try:
+                evaluator.wait(60)
+            except subprocess.TimeoutExpired:
+                evaluator.kill()
 
     from evaluator.report import format_table, load_results, plot
 

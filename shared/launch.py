@@ -47,6 +47,9 @@ def run_main(main: Callable[[], int | None], expected: tuple[type[BaseException]
     debug = "--debug" in sys.argv or os.environ.get("MATH_SFT_DEBUG") == "1"
     try:
         sys.exit(main() or 0)
+    except KeyboardInterrupt:  # Ctrl-C before the service installed its own handling
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except expected + (UsageError,) as exc:
         if debug:
             traceback.print_exc()

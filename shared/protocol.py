@@ -52,6 +52,14 @@ class CheckpointInvalid(Exception):
     """A checkpoint directory failed verification; the message says exactly what is wrong."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """The trainer could not write a checkpoint; earlier checkpoints are intact."""
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as configured (e.g. another number of training processes)."""
+
+
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -240,12 +248,14 @@ def list_ready_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def remove_tmp_dirs(checkpoints_dir: Path) -> list[Path]:
-    """Remove leftovers of interrupted saves. Only the trainer (the only writer) may call this."""
+def remove_incomplete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Remove leftovers of interrupted saves: temporary folders, and step folders renamed into place
+    whose READY was never written. Only the trainer (the only writer) may call this."""
     removed = []
     if checkpoints_dir.is_dir():
         for entry in checkpoints_dir.iterdir():
-            if entry.name.startswith(TMP_PREFIX):
+            unpublished = parse_step(entry.name) is not None and not (entry / READY).exists()
+            if entry.name.startswith(TMP_PREFIX) or unpublished:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
                 removed.append(entry)
     return removed

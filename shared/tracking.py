@@ -46,19 +46,27 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                group=cfg.wandb.group or cfg.run_name,
-                job_type=job_type,
-                name=f"{cfg.run_name}-{job_type}",
-                dir=str(out_dir),  # W&B writes into out_dir/wandb
-                mode=self.mode,
-                config=cfg.to_dict(),
-                settings=wandb.Settings(silent=True, console="off"),
-            )
-            self.run.define_metric(x_axis)
-            self.run.define_metric("*", step_metric=x_axis)
+            try:
+                self.run = self._init(wandb, cfg, job_type, out_dir, x_axis, self.mode)
+            except Exception as exc:  # noqa: BLE001 - W&B raises many types; all mean "cannot log there"
+                raise ValueError(f"W&B ({self.mode}) could not start: {exc}; set wandb.mode=offline or disabled") from None
+
+    @staticmethod
+    def _init(wandb, cfg: Config, job_type: str, out_dir: Path, x_axis: str, mode: str):
+        run = wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=cfg.wandb.group or cfg.run_name,
+            job_type=job_type,
+            name=f"{cfg.run_name}-{job_type}",
+            dir=str(out_dir),  # W&B writes into out_dir/wandb
+            mode=mode,
+            config=cfg.to_dict(),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        run.define_metric(x_axis)
+        run.define_metric("*", step_metric=x_axis)
+        return run
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.log_path, "a") as f:

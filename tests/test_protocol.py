@@ -16,7 +16,7 @@ from shared.protocol import (
     leased_steps,
     list_ready_checkpoints,
     publish_checkpoint,
-    remove_tmp_dirs,
+    remove_incomplete_checkpoints,
     steps_still_needed,
     verify_checkpoint,
 )
@@ -102,8 +102,10 @@ def test_tmp_dirs_are_ignored_and_removed(layout):
     (tmp / READY).write_text("{}")  # even a marker inside a temp dir never counts
     make_checkpoint(layout, 2)
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2]
-    assert remove_tmp_dirs(layout.checkpoints_dir) == [tmp]
-    assert not tmp.exists() and layout.checkpoint_dir(2).exists()
+    half = layout.checkpoint_dir(3)  # renamed into place, READY never written
+    half.mkdir()
+    assert sorted(remove_incomplete_checkpoints(layout.checkpoints_dir)) == sorted([tmp, half])
+    assert not tmp.exists() and not half.exists() and layout.checkpoint_dir(2).exists()
 
 
 def test_lease_of_live_and_dead_owner(layout):

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from shared.config import ConfigError, load_config
-from shared.data import DataError
+from shared.config import load_config
 from shared.launch import physical_gpu_count, pin_gpus, run_main
+from shared.protocol import CheckpointWriteError
 
 
 def main() -> int:
@@ -29,16 +29,11 @@ def main() -> int:
             print(f"trainer: launching {len(visible)} processes: {' '.join(argv[1:])}", flush=True)
             os.execv(sys.executable, argv)
 
-    from trainer.checkpoint import CheckpointWriteError, ResumeError
     from trainer.train import train
 
-    try:
-        train(cfg)
-    except (CheckpointWriteError, ResumeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    train(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main, (ConfigError, DataError, OSError))
+    run_main(main, (ValueError, OSError, CheckpointWriteError))

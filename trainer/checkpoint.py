@@ -22,9 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from shared.hf_models import tied_weight_names
 from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
+    CheckpointWriteError,
+    ResumeError,
     TRAINER_STATE_DIR,
     RunLayout,
     leased_steps,
@@ -38,15 +41,10 @@ MAX_SHARD_BYTES = 5 << 30
 _SLOW_SAVE_ENV = "MATH_SFT_FAULT_SLOW_SAVE_S"
 
 
-class CheckpointWriteError(RuntimeError):
-    pass
-
-
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors with tied copies dropped (safetensors refuses shared storage);
     loaders re-tie them from the config, as with save_pretrained."""
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    tied = set(tied.keys() if isinstance(tied, dict) else tied)
+    tied = tied_weight_names(model)
     state, seen = {}, {}
     for name, tensor in model.state_dict().items():
         ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -231,12 +229,16 @@ class AsyncCheckpointer:
             self._wait_for_shards(tmp)
             publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash)
             self.last_published = step
-            self._apply_retention()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             if self.d.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._error = CheckpointWriteError(f"saving checkpoint {step} to {tmp} failed: {exc}")
             self._error.__cause__ = exc
+            return
+        try:
+            self._apply_retention()
+        except OSError as exc:  # the checkpoint is published; a retention problem must not stop training
+            print(f"warning: retention after step {step}: {exc}")
 
     def _wait_for_shards(self, tmp: Path, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -301,10 +303,6 @@ def _rng_state() -> dict[str, Any]:
 
 def state_file_name(d: Dist) -> str:
     return f"state_rank{d.rank:05d}.pt" if d.enabled else "state.pt"
-
-
-class ResumeError(ValueError):
-    pass
 
 
 def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> tuple[dict[str, Any], dict[str, Any]]:

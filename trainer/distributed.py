@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shared.hf_models import tied_weight_names
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -73,10 +75,8 @@ def full_model_state_on_rank0(model: torch.nn.Module) -> dict[str, torch.Tensor]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    tied = tied.keys() if isinstance(tied, dict) else tied
     if getattr(model.config, "tie_word_embeddings", False):
-        for name in tied:
+        for name in tied_weight_names(model):
             state.pop(name, None)  # re-tied from the config on load, as save_pretrained does
     return state
 

@@ -15,7 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.config import EMBEDDED_MODEL, Config, ConfigError
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt
-from shared.protocol import CheckpointInvalid, RunLayout, atomic_write_bytes, list_ready_checkpoints, remove_tmp_dirs, verify_checkpoint
+from shared.protocol import (
+    CheckpointInvalid,
+    RunLayout,
+    atomic_write_bytes,
+    list_ready_checkpoints,
+    remove_incomplete_checkpoints,
+    verify_checkpoint,
+)
 from shared.tracking import Tracker
 from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, restore_rng
 from trainer.distributed import (
@@ -77,6 +84,19 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return None
 
 
+def model_files_dir(model_path: str, model, tokenizer, layout: RunLayout) -> Path:
+    """A local folder with the model's config and tokenizer files, copied into every checkpoint.
+    A hub name has none: export them once into the run's base_model folder."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    out = layout.base_model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def newest_valid_checkpoint(layout: RunLayout) -> Path | None:
     """Newest checkpoint whose manifest verifies; broken ones are reported and passed over."""
     for step, path in sorted(list_ready_checkpoints(layout.checkpoints_dir).items(), reverse=True):
@@ -112,11 +132,11 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---------------------------------------------------------------- run directory, model
     if d.is_main:
         layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in remove_tmp_dirs(layout.checkpoints_dir):
+        for leftover in remove_incomplete_checkpoints(layout.checkpoints_dir):
             print(f"removed incomplete checkpoint {leftover}")
         atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        if not newest_valid_checkpoint(layout):
-            resolve_model_path(cfg, layout, template, train_set)
+        if not list_ready_checkpoints(layout.checkpoints_dir):
+            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, here
     barrier(d)
     resume_from = newest_valid_checkpoint(layout)
     model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
@@ -137,7 +157,7 @@ def train(cfg: Config) -> dict[str, Any]:
         restore_rng(state["rng"])
         start_step = meta["step"]
         log(f"resumed from {resume_from} (step {start_step})")
-    checkpointer = AsyncCheckpointer(layout, cfg.hash(), Path(model_path), tc.keep_last, d)
+    checkpointer = AsyncCheckpointer(layout, cfg.hash(), model_files_dir(model_path, model, tokenizer, layout), tc.keep_last, d)
     tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device} x {d.world}; {len(train_set)} training examples")
@@ -152,6 +172,7 @@ def train(cfg: Config) -> dict[str, Any]:
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not d.is_main)
     local_batch = tc.batch_size // d.world
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         while step < tc.max_steps:
             for group in optimizer.param_groups:
@@ -172,7 +193,7 @@ def train(cfg: Config) -> dict[str, Any]:
             # Per-token mean over the whole global batch: normalize by response tokens per example.
             num_response_tokens = all_reduce_sum(sum(int(m["response_mask"].sum()) for m in micro), d, device)
             normalize = max(1, num_response_tokens) / tc.batch_size
-            interval_tokens += sum(int((m["labels"] != tokenizer.pad_token_id).sum()) + len(m["labels"]) for m in micro)
+            interval_tokens += sum(int((m["labels"] != pad_id).sum()) + len(m["labels"]) for m in micro)
             log_now = (step + 1) % tc.log_every == 0
             loss_sum, entropy_sum = 0.0, 0.0
             for mb in micro:
@@ -224,6 +245,9 @@ def train(cfg: Config) -> dict[str, Any]:
     except KeyboardInterrupt:
         log(f"\ninterrupted at step {step}: finishing the pending checkpoint")
     finally:
+        # The pending checkpoint must be finished: a second Ctrl-C or SIGTERM no longer interrupts (SIGKILL does).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bar.close()
         waited = checkpointer.wait()
         if tracker:
