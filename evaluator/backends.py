@@ -93,10 +93,11 @@ class HFBackend:
             ).to(self.device).eval()
             self.signature = signature
             return "new-engine"
-        except (OSError, ValueError, RuntimeError) as exc:
+        except EngineError:
             self.signature = None
-            if isinstance(exc, EngineError):
-                raise
+            raise
+        except Exception as exc:  # noqa: BLE001 - loaders raise many types (OSError, SafetensorError...): all mean "cannot load"
+            self.signature = None
             raise EngineError(f"{ckpt_dir}: cannot load model: {exc}") from exc
 
     def generate(self, prompts: list[str], progress: Callable[[int], None] | None = None) -> list[Generation]:

@@ -7,7 +7,7 @@ import json
 import signal
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -299,12 +299,14 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
         print(f"already evaluated: {result_path} (use --force to evaluate again)")
         print(summary_line(json.loads(result_path.read_text())))
         return result_path
-    result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
-    write_result(result_path, out_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
     run = _run_of(ckpt_dir)
-    if run is not None and out_dir == run.eval_dir(cfg.evaluation.name) and manifest is not None:
-        Ledger(out_dir).set(step, Status.DONE, result=str(result_path), logged=True)  # a watcher of the run need not redo it
-    evaluator.log(result, samples)
+    with Lease(run, step) if run is not None else nullcontext():  # the trainer's retention keeps it meanwhile
+        result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
+    with stop_deferred():
+        write_result(result_path, out_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
+        evaluator.log(result, samples)
+        if run is not None and out_dir == run.eval_dir(cfg.evaluation.name) and manifest is not None:
+            Ledger(out_dir).set(step, Status.DONE, result=str(result_path), logged=True)  # a watcher of the run need not redo it
     print(summary_line(result))
     print(f"results: {result_path}")
     return result_path

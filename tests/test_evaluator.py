@@ -197,3 +197,22 @@ def test_after_the_fact_damaged_folder_is_refused_with_the_reason(run_copy, make
     proc = run_service("evaluator", "--config", make_config(), "--ckpt", ckpt, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {ckpt / 'tokenizer.json'}: size mismatch ({(ckpt / 'tokenizer.json').stat().st_size} bytes on disk, {(ckpt / 'tokenizer.json').stat().st_size - 1} in READY)"
+
+
+def test_a_model_that_fails_to_load_is_recorded_and_the_evaluator_goes_on(trained_run, tmp_path, evaluator):
+    """A checkpoint whose manifest verifies but whose weights are not a model (written wrong, not corrupted)."""
+    from shared.protocol import publish_checkpoint
+
+    run = tmp_path / "runs" / "tiny"
+    layout = RunLayout(run)
+    layout.checkpoints_dir.mkdir(parents=True)
+    tmp = layout.tmp_checkpoint_dir(2)
+    shutil.copytree(RunLayout(trained_run).checkpoint_dir(2), tmp, ignore=shutil.ignore_patterns(READY))
+    (tmp / "model.safetensors").write_bytes(b"not a safetensors file")
+    publish_checkpoint(tmp, layout.checkpoint_dir(2), 2, "test")
+    proc = evaluator()
+    wait_for(lambda: status_of(run, 2) == Status.FAILED, 60, "step 2 failed")
+    assert "cannot load model" in ledger_of(run)[2]["reason"] and str(layout.checkpoint_dir(2)) in ledger_of(run)[2]["reason"]
+    publish_copy(RunLayout(trained_run).checkpoint_dir(4), run, 4)
+    wait_for(lambda: status_of(run, 4) == Status.DONE, 60, "step 4")
+    assert proc.poll() is None

@@ -123,7 +123,7 @@ class _Snapshot:
 
 
 class AsyncCheckpointer:
-    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path, keep_last: int | None, d: Dist = Dist()):
+    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path | None, keep_last: int | None, d: Dist = Dist()):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard."""
@@ -133,7 +133,7 @@ class AsyncCheckpointer:
         self.keep_last = keep_last
         self.static_files = {
             p.name: p.read_bytes()
-            for p in sorted(model_files_dir.iterdir())
+            for p in (sorted(model_files_dir.iterdir()) if model_files_dir else [])
             if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")) and p.name != READY
         }
         self._model_snapshot = _Snapshot()

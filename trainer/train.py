@@ -153,11 +153,16 @@ def train(cfg: Config) -> dict[str, Any]:
     start_step = 0
     if resume_from:
         state, meta = load_trainer_state(resume_from, d)
-        load_local_optimizer_state(optimizer, state["optimizer"]) if d.enabled else optimizer.load_state_dict(state["optimizer"])
+        if d.enabled:
+            load_local_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         start_step = meta["step"]
         log(f"resumed from {resume_from} (step {start_step})")
-    checkpointer = AsyncCheckpointer(layout, cfg.hash(), model_files_dir(model_path, model, tokenizer, layout), tc.keep_last, d)
+    # Only rank 0 writes model files into checkpoints.
+    files_dir = model_files_dir(model_path, model, tokenizer, layout) if d.is_main else None
+    checkpointer = AsyncCheckpointer(layout, cfg.hash(), files_dir, tc.keep_last, d)
     tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device} x {d.world}; {len(train_set)} training examples")
