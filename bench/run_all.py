@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.common import out_dir, run
 from shared.launch import physical_gpu_count

@@ -113,6 +113,18 @@ def trained_run(tmp_path_factory) -> Path:
     return root / "runs" / "tiny"
 
 
+def rewind_copy(run: Path, dest: Path, to_step: int) -> Path:
+    """Copy a finished run as if it had been stopped right after `to_step`'s checkpoint."""
+    from shared.protocol import list_ready_checkpoints
+
+    shutil.copytree(run, dest)
+    for step, path in list_ready_checkpoints(dest / "checkpoints").items():
+        if step > to_step:
+            shutil.rmtree(path)
+    (dest / "train_log.jsonl").unlink()
+    return dest
+
+
 @pytest.fixture
 def run_copy(trained_run, tmp_path) -> Path:
     dest = tmp_path / "runs" / "tiny"

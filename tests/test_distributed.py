@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, run_service, service_env
+from conftest import REPO, TINY, rewind_copy, run_service, service_env
 from shared.protocol import RunLayout, verify_checkpoint
 
 
@@ -58,11 +58,7 @@ def test_sharded_checkpoint_layout(sharded_run):
 
 
 def test_resume_on_the_same_number_of_processes(sharded_run, tmp_path, make_config):
-    run = tmp_path / "runs" / "tiny"
-    shutil.copytree(sharded_run, run)
-    for step in (4, 6):
-        shutil.rmtree(RunLayout(run).checkpoint_dir(step))
-    (run / "train_log.jsonl").unlink()
+    run = rewind_copy(sharded_run, tmp_path / "runs" / "tiny", to_step=2)
     out = torchrun(make_config()).stdout
     assert "resumed from" in out
     resumed, straight = losses(run), losses(sharded_run)

@@ -1,9 +1,7 @@
 """The trainer as users run it: a real subprocess training a 2-layer model for a few steps."""
 
 import json
-import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_service, service_env, start_service, wait_for
+from conftest import REPO, rewind_copy, run_service, service_env, start_service, wait_for
 from shared.protocol import READY, Lease, RunLayout, list_ready_checkpoints, verify_checkpoint
 
 CKPT_FILES = {
@@ -63,11 +61,7 @@ def test_checkpoint_loads_as_plain_hugging_face_model(trained_run):
 
 def test_resume_gives_the_same_losses(trained_run, tmp_path, make_config):
     """2 steps + resume + 4 steps == 6 uninterrupted steps, in fp32 on CPU, to 1e-6."""
-    run = tmp_path / "runs" / "tiny"
-    shutil.copytree(trained_run, run)
-    for step in (4, 6):
-        shutil.rmtree(RunLayout(run).checkpoint_dir(step))
-    (run / "train_log.jsonl").unlink()
+    run = rewind_copy(trained_run, tmp_path / "runs" / "tiny", to_step=2)
     proc = run_service("trainer", "--config", make_config())
     assert "resumed from" in proc.stdout and "(step 2)" in proc.stdout
     resumed = {r["train_step"]: r["train/loss"] for r in train_log(run)}
