@@ -112,5 +112,7 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave together: a rank that tears its process group down while a peer still uses it can abort."""
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
