@@ -143,7 +143,9 @@ class HFBackend:
         return [round(float(x), 6) for x in logp[:32]]
 
     def close(self) -> None:
+        """Drop the engine; the next load builds a new one."""
         self.model = None
+        self.signature = None
 
 
 def _read_safetensors(ckpt_dir: Path):
@@ -221,8 +223,7 @@ class VLLMBackend:
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
-            self.close()
-            self.signature = None  # the next checkpoint starts a fresh engine
+            self.close()  # the next checkpoint starts a fresh engine
             raise EngineError(f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted") from exc
         if progress:
             progress(len(prompts))
@@ -240,6 +241,8 @@ class VLLMBackend:
         return [round(float(d[t].logprob), 6) for d, t in zip(out.prompt_logprobs[1:33], ids[1:33])]
 
     def close(self) -> None:
+        """Shut the engine down; the next load builds a new one."""
+        self.signature = None
         if self.llm is not None:
             try:
                 self.llm.llm_engine.engine_core.shutdown()

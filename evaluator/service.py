@@ -113,7 +113,6 @@ class Evaluator:
         if stale:
             print(f"warning: {ckpt_dir}: outputs unchanged after an in-place reload of different weights; rebuilding the engine")
             self.backend.close()
-            self.backend.signature = None
             how = self.backend.load(ckpt_dir)
             fingerprint = self.backend.fingerprint(self.prompts[0])
         self.last_fingerprint, self.last_weights_id = fingerprint, weights_id
