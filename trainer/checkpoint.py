@@ -149,11 +149,9 @@ class AsyncCheckpointer:
         first save does not stall on pinning memory. `save` waits for it if it is still running."""
         if self._model_snapshot.stream is None:
             return  # CPU: plain buffers, allocated on first use in no time
-        if self.d.enabled:  # weights are gathered to rank 0 at save time; only this rank's shard is snapshotted
-            trees = ({}, {"optimizer": local_optimizer_state(optimizer), "rng": _rng_state()})
-        else:
-            trees = (untied_state_dict(model), {"optimizer": optimizer.state_dict(), "rng": _rng_state()})
-        self._thread = threading.Thread(target=self._allocate, args=trees, name="ckpt-alloc", daemon=True)
+        # Sharded: weights are gathered to rank 0 at save time, only this rank's state is snapshotted.
+        weights = {} if self.d.enabled else untied_state_dict(model)
+        self._thread = threading.Thread(target=self._allocate, args=(weights, self._state_tree(optimizer)), name="ckpt-alloc", daemon=True)
         self._thread.start()
 
     def _allocate(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -174,14 +172,18 @@ class AsyncCheckpointer:
                 (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
             barrier(self.d)
             weights = full_model_state_on_rank0(model)  # collective; already host copies
-            state = self._state_snapshot.take({"optimizer": local_optimizer_state(optimizer), "rng": _rng_state()})
             trainer_state = {**trainer_state, "world_size": self.d.world}
         else:
             weights = self._model_snapshot.take(untied_state_dict(model))
-            state = self._state_snapshot.take({"optimizer": optimizer.state_dict(), "rng": _rng_state()})
+        state = self._state_snapshot.take(self._state_tree(optimizer))
         self._thread = threading.Thread(target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True)
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
+
+    def _state_tree(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What this rank saves for resume: its optimizer state (its shard, when sharded) and RNG."""
+        optimizer_state = local_optimizer_state(optimizer) if self.d.enabled else optimizer.state_dict()
+        return {"optimizer": optimizer_state, "rng": _rng_state()}
 
     def before_optimizer_step(self) -> None:
         self._model_snapshot.before_update()
