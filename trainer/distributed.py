@@ -106,6 +106,15 @@ def load_local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
+def from_main(value: Any, d: Dist) -> Any:
+    """Rank 0's `value` on every rank (pickled); `value` itself with one process."""
+    if not d.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -27,8 +27,8 @@ from shared.tracking import Tracker
 from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, restore_rng
 from trainer.distributed import (
     all_reduce_sum,
-    barrier,
     full_tensor,
+    from_main,
     init_distributed,
     load_local_optimizer_state,
     shard_model,
@@ -137,8 +137,8 @@ def train(cfg: Config) -> dict[str, Any]:
         atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         if not list_ready_checkpoints(layout.checkpoints_dir):
             resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, here
-    barrier(d)
-    resume_from = newest_valid_checkpoint(layout)
+    # Rank 0 verifies (hashes every file once); the other ranks take its choice.
+    resume_from = from_main(newest_valid_checkpoint(layout) if d.is_main else None, d)
     model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
