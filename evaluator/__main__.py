@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from shared.config import ConfigError, load_config
@@ -46,20 +47,31 @@ def main() -> int:
     print(f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}")
 
     from evaluator.backends import EngineError, make_backend
-    from evaluator.service import Evaluator, Stop, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
+    from evaluator.service import Evaluator, Stop, check_run_dir, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
     from shared.tracking import Tracker
 
     install_stop_handlers()
-    out_dir = results_dir_for(cfg, Path(args.ckpt), args.out) if args.ckpt else RunLayout(run_dir).eval_dir(cfg.evaluation.name)
+    if args.ckpt:
+        out_dir = results_dir_for(cfg, Path(args.ckpt), args.out)
+    else:  # watching may start before the trainer made the run; evaluating what is there may not
+        layout = check_run_dir(run_dir) if args.once else RunLayout(run_dir)
+        out_dir = layout.eval_dir(cfg.evaluation.name)
+    out_dir_is_new = not out_dir.exists()
     tracker = evaluator = None
     try:
         backend = make_backend(cfg.evaluation, cfg.model.trust_remote_code)
         tracker = Tracker(cfg, "eval", "train_step", out_dir)
         evaluator = Evaluator(cfg, backend, tracker)
         if args.ckpt:
-            evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
+            try:
+                evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
+            except Exception:
+                if out_dir_is_new:  # nothing of a failed evaluation stays in a results folder it created
+                    tracker.finish()
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
             return 0
-        return serve_run(cfg, run_dir, evaluator, once=args.once, force=args.force)
+        return serve_run(cfg, layout, evaluator, once=args.once, force=args.force)
     except EngineError as exc:
         raise UsageError(str(exc)) from None
     except Stop:
@@ -70,7 +82,6 @@ def main() -> int:
             evaluator.close()
         if tracker is not None:
             tracker.finish()
-
 
 if __name__ == "__main__":
     run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError, ValueError))

@@ -16,16 +16,22 @@ interrupts). A grade that times out or raises counts as wrong and is counted.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
-import multiprocessing as mp
 import os
 import re
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections import defaultdict
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
 from typing import Callable, Iterator
 
 from shared.data import last_boxed
@@ -36,6 +42,10 @@ MAX_ANSWER_CHARS = 1000
 MAX_DEFAULT_WORKERS = 16
 """Grading workers when none is configured: each holds sympy (~100 MB); 16 grade 5,000 answers in seconds."""
 
+WORKER_START_TIMEOUT_S = 120.0
+"""A grading worker that has not imported sympy and math-verify by then is broken, not slow."""
+
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 _FORMAT_OPEN = "</think> <answer>"
 _ZERO = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
 _FORMATTED_WRONG = {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
@@ -49,16 +59,19 @@ class GradeTimeout(BaseException):
 # Extraction
 
 
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
 def extract_answer(response: str) -> str | None:
-    """Answer text of a well-formatted response, else None."""
+    """Answer text of a well-formatted response, else None. With several <answer> blocks the last complete
+    one is the final answer (models restate and correct themselves)."""
     start = response.find(_FORMAT_OPEN)
     if start < 0:
         return None
-    body_start = start + len(_FORMAT_OPEN)
-    end = response.find("</answer>", body_start)
-    if end < 0:
+    blocks = _ANSWER_BLOCK.findall(response, start + len(_FORMAT_OPEN) - len("<answer>"))
+    if not blocks:
         return None
-    answer = response[body_start:end]
+    answer = blocks[-1]
     boxed = last_boxed(answer)
     return boxed if boxed is not None else answer
 
@@ -220,19 +233,19 @@ def _grade_in_main_thread(response: str, ground_truth, timeout_s: float) -> tupl
         return dict(_FORMATTED_WRONG), "error"
 
 
+class GraderError(RuntimeError):
+    """Grading itself failed (its worker processes cannot start): no reward can be trusted, none is given."""
+
+
 def r1_zero_reward(response: str, ground_truth: str | list[str], timeout_s: float = 5.0) -> dict[str, float]:
     """{format_reward, answer_reward, reward} for a response generated after the r1_zero prompt.
 
-    Bounded by `timeout_s` wherever it is called from: the symbolic part runs in a helper process
-    that is killed if it overruns. Inside a daemonic process (a multiprocessing pool's worker, which
-    may not have children) it runs here under an interval timer instead."""
+    Bounded by `timeout_s` from any caller (a plain script without a main guard, a notebook, a thread, a
+    daemonic process): the symbolic part runs in a worker process started with `python -m`, which imports
+    nothing of the caller, and is killed if it overruns. Raises GraderError when no worker can run."""
     if extract_answer(response) is None:
         return dict(_ZERO)
-    if not mp.current_process().daemon:
-        return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("r1_zero_reward cannot be bounded in a non-main thread of a daemonic process; use GraderPool")
-    return _grade_in_main_thread(response, ground_truth, timeout_s)[0]
+    return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
 
 
 _SHARED: dict[float, "GraderPool"] = {}
@@ -243,56 +256,88 @@ def _shared_pool(timeout_s: float) -> "GraderPool":
     with _SHARED_LOCK:
         if timeout_s not in _SHARED:
             _SHARED[timeout_s] = GraderPool(1, timeout_s)
+            atexit.register(_SHARED[timeout_s].close)
         return _SHARED[timeout_s]
 
 
-def _worker(conn, timeout_s: float) -> None:
+def _worker_main(timeout_s: float) -> None:
+    """`python -m evaluator.grader --worker T`: grade (index, response, truth) tasks from stdin, answer on
+    the original stdout; everything else the libraries print goes to stderr."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; it stops us
+    conn_out = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    conn_in = Connection(0, writable=False)
     _math_verify()
+    conn_out.send(("ready",))
     while True:
         try:
-            task = conn.recv()
+            task = conn_in.recv()
         except EOFError:
             return
         if task is None:
             return
         index, response, ground_truth = task
         rewards, problem = _grade_in_main_thread(response, ground_truth, timeout_s)
-        conn.send((index, rewards, problem))
+        conn_out.send((index, rewards, problem))
+
+
+class _Worker:
+    """One grading process and its pipes. Not ready until it has imported the grader (seconds, for sympy):
+    a task's deadline starts only when a ready worker takes it."""
+
+    def __init__(self, timeout_s: float):
+        self.stderr = tempfile.TemporaryFile()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "evaluator.grader", "--worker", repr(timeout_s)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env, start_new_session=True)
+        self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
+        self.recv_conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.ready = False
+        self.start_deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        self.task: tuple[int, float] | None = None  # (task index, deadline)
+
+    def failure(self) -> str:
+        self.stderr.seek(0)
+        lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"exit status {self.proc.poll()}"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for conn in (self.send_conn, self.recv_conn):
+            conn.close()
+        self.stderr.close()
 
 
 class GraderPool:
     """Worker processes that grade in parallel; results in input order. A worker that overruns its
-    bound (stuck in C code) is killed and replaced, and that case counts as a timeout."""
+    bound (stuck in C code) is killed and replaced, and that case counts as a timeout. A worker that
+    dies while grading is replaced and the case retried once (the second death counts it as an error);
+    workers that cannot start raise GraderError: a grading failure is never a zero reward."""
 
     KILL_GRACE_S = 1.0
 
     def __init__(self, num_workers: int | None, timeout_s: float):
         self.num_workers = num_workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
         self.timeout_s = timeout_s
-        # spawn: forking a process that runs threads (vLLM, watchdog) can deadlock the child.
-        self._ctx = mp.get_context("spawn")
-        self._workers: list[tuple] = [self._spawn() for _ in range(self.num_workers)]
+        self._workers: list[_Worker] = [_Worker(timeout_s) for _ in range(self.num_workers)]
         self._lock = threading.Lock()
-
-    def _spawn(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, self.timeout_s), daemon=True)
-        proc.start()
-        child.close()
-        return proc, parent
 
     def grade(self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, float]], dict[str, int]]:
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         with self._lock:
+            if not self._workers:
+                raise GraderError("this grader pool is closed")
             return self._grade(responses, ground_truths, progress)
 
     def _grade(self, responses, ground_truths, progress):
         results: list[dict[str, float] | None] = [None] * len(responses)
         stats = {"grader_timeouts": 0, "grader_errors": 0}
-        todo = []
-        for i, (r, gt) in enumerate(zip(responses, ground_truths)):
+        todo, deaths = [], defaultdict(int)
+        for i, r in enumerate(responses):
             if extract_answer(r) is None:  # badly formatted: no need to leave this process
                 results[i] = dict(_ZERO)
             else:
@@ -300,58 +345,76 @@ class GraderPool:
         if progress and len(todo) < len(responses):
             progress(len(responses) - len(todo))
         todo.reverse()
-        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (task index, deadline)
-        while todo or busy:
-            for slot in range(self.num_workers):
-                if slot not in busy and todo:
+
+        def finish(slot: int, index: int, rewards: dict[str, float] | None, problem: str | None) -> None:
+            results[index] = rewards or dict(_FORMATTED_WRONG)
+            if problem:
+                stats["grader_timeouts" if problem == "timeout" else "grader_errors"] += 1
+            self._workers[slot].task = None
+            if progress:
+                progress(1)
+
+        while todo or any(w.task for w in self._workers):
+            for w in self._workers:
+                if w.ready and w.task is None and todo:
                     i = todo.pop()
+                    w.task = (i, time.monotonic() + self.timeout_s + self.KILL_GRACE_S)
                     try:
-                        self._workers[slot][1].send((i, responses[i], ground_truths[i]))
-                    except OSError:  # the worker died while idle (e.g. killed for memory): replace it
-                        self._replace(slot)
-                        self._workers[slot][1].send((i, responses[i], ground_truths[i]))
-                    busy[slot] = (i, time.monotonic() + self.timeout_s + self.KILL_GRACE_S)
-            conns = {self._workers[slot][1]: slot for slot in busy}
-            ready = wait_connections(list(conns), timeout=max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
-            for conn in ready:
+                        w.send_conn.send((i, responses[i], ground_truths[i]))
+                    except OSError:
+                        pass  # died while idle: seen below as a dead busy worker, and the case retried
+            conns = {w.recv_conn: slot for slot, w in enumerate(self._workers)}
+            deadlines = [w.task[1] if w.task else w.start_deadline for w in self._workers if w.task or not w.ready]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for conn in wait_connections(list(conns), timeout=wait_s):
                 slot = conns[conn]
+                w = self._workers[slot]
                 try:
-                    index, rewards, problem = conn.recv()
-                except (EOFError, OSError):  # the worker died (e.g. out of memory)
-                    index, rewards, problem = busy[slot][0], None, "error"
+                    message = conn.recv()
+                except (EOFError, OSError):  # the worker died: out of memory, killed, or it could not start
+                    if not w.ready:
+                        raise GraderError(f"a grading worker could not start: {w.failure()}") from None
+                    index = w.task[0] if w.task else None
                     self._replace(slot)
-                results[index] = rewards or dict(_FORMATTED_WRONG)
-                if problem:
-                    stats["grader_timeouts" if problem == "timeout" else "grader_errors"] += 1
-                del busy[slot]
-                if progress:
-                    progress(1)
+                    if index is not None:
+                        deaths[index] += 1
+                        if deaths[index] >= 2:  # the case itself kills workers: an error for this case only
+                            finish(slot, index, None, "error")
+                        else:
+                            todo.append(index)
+                    continue
+                if message == ("ready",):
+                    w.ready = True
+                else:
+                    finish(slot, *message)
             now = time.monotonic()
-            for slot, (index, deadline) in list(busy.items()):
-                if now > deadline:
+            for slot, w in enumerate(self._workers):
+                if w.task and now > w.task[1]:
+                    index = w.task[0]
                     self._replace(slot)
-                    results[index] = dict(_FORMATTED_WRONG)
-                    stats["grader_timeouts"] += 1
-                    del busy[slot]
-                    if progress:
-                        progress(1)
+                    finish(slot, index, None, "timeout")
+                elif not w.ready and now > w.start_deadline:
+                    raise GraderError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f}s")
         return results, stats
 
     def _replace(self, slot: int) -> None:
-        proc, conn = self._workers[slot]
-        proc.kill()
-        proc.join()
-        conn.close()
-        self._workers[slot] = self._spawn()
+        self._workers[slot].kill()
+        self._workers[slot] = _Worker(self.timeout_s)
 
     def close(self) -> None:
-        for proc, conn in self._workers:
+        for w in self._workers:
             try:
-                conn.send(None)
+                w.send_conn.send(None)
             except OSError:
                 pass
-        for proc, conn in self._workers:
-            proc.join(timeout=2)
-            if proc.is_alive():
-                proc.kill()
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            w.kill()
         self._workers = []
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(float(sys.argv[2]))

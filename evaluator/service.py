@@ -15,24 +15,29 @@ from tqdm import tqdm
 
 from evaluator.backends import EngineError, Generation
 from evaluator.grader import GraderPool
-from evaluator.scheduler import claim_next
+from evaluator.scheduler import claim_next, claim_step, give_back
 from evaluator.watcher import CheckpointWatcher
 from shared.config import Config
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import (
     READY,
     CheckpointInvalid,
-    Lease,
+    ClaimLost,
     Ledger,
+    Presence,
     RunLayout,
     Status,
     atomic_write_bytes,
     atomic_write_json,
-    list_ready_checkpoints,
-    manifest_hash,
+    current_owner,
+    folder_weights_id,
+    live_presences,
     parse_step,
+    read_manifest,
+    ready_weights_ids,
     step_dirname,
     verify_checkpoint,
+    weights_id,
 )
 from shared.tracking import Tracker
 
@@ -94,6 +99,7 @@ class Evaluator:
         self.examples = seeded_subset(load_dataset(ec.data), ec.num_samples, ec.seed)
         self.prompts = [render_prompt(template, ex) for ex in self.examples]
         self.grader = GraderPool(ec.num_grader_workers, ec.grader_timeout_s)
+        self.owner_id = current_owner()["id"]  # who claims steps and records results: this process
         self.last_fingerprint: list[float] | None = None
         self.last_weights_id: str | None = None
 
@@ -118,9 +124,8 @@ class Evaluator:
         self.last_fingerprint, self.last_weights_id = fingerprint, weights_id
         return how, time.perf_counter() - t0
 
-    def evaluate(self, step: int, ckpt_dir: Path, manifest: dict[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate(self, step: int, ckpt_dir: Path, weights_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         ec = self.cfg.evaluation
-        weights_id = manifest_hash(manifest) if manifest else None
         t_start = time.perf_counter()
         how, reload_s = self._load_checked(ckpt_dir, weights_id)
 
@@ -140,7 +145,7 @@ class Evaluator:
         result = {
             "step": step,
             "checkpoint": str(ckpt_dir),
-            "checkpoint_manifest_hash": weights_id,
+            "weights_id": weights_id,
             "config_hash": self.cfg.hash(),
             "eval_name": ec.name,
             "backend": self.backend.name,
@@ -162,7 +167,7 @@ class Evaluator:
     def log(self, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
         if self.tracker is None:
             return
-        self.tracker.log({"train_step": result["step"], **{f"eval/{k}": v for k, v in result["metrics"].items()},
+        self.tracker.log({"train_step": result["step"], "eval/weights_id": result["weights_id"], **{f"eval/{k}": v for k, v in result["metrics"].items()},
                           **{f"eval/time_{k}_s": v for k, v in result["timings_s"].items()}})
         if samples:
             rows = [[s["prompt"][-200:], s["response"], s["ground_truth"], s["reward"]] for s in samples[: self.cfg.evaluation.num_logged_samples]]
@@ -184,55 +189,174 @@ def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], 
 
 
 # --------------------------------------------------------------------------------------------------
+# Recording: the one path from a finished evaluation to results on disk, the ledger and W&B.
+#
+# Invariants: a result is recorded only by the owner of the step's running claim, checked under the
+# ledger lock, and the result files are written under that same lock before the entry says `done`;
+# samples are written before metrics. W&B is logged by whoever holds the entry's `log_owner` (the
+# recorder, or after a crash the one evaluator that takes it over) and `logged` is set once W&B's
+# service has written the row to its file. A crash in that short window logs the row again on restart,
+# into the same (resumed) W&B run, with the same values and `eval/weights_id`: at least once, never
+# lost; a crash anywhere else logs nothing twice.
+
+
+def _record(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    eval_dir = ledger.path.parent
+    result_path = eval_dir / f"{step_dirname(step)}.json"
+    me = evaluator.owner_id
+
+    def commit(entries: dict[int, dict[str, Any]]) -> None:
+        entry = entries.get(step, {})
+        if entry.get("status") != Status.RUNNING or entry.get("owner", {}).get("id") != me:
+            raise ClaimLost(f"step {step}: result discarded: this evaluator no longer holds the step "
+                            f"(now {entry.get('status', 'unclaimed')}; its heartbeat went stale and another evaluator took it)")
+        write_result(result_path, eval_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
+        entries[step] = {"status": Status.DONE, "time": time.time(), "weights_id": result["weights_id"], "attempts": entry.get("attempts", 1),
+                         "checkpoint": result["checkpoint"], "result": str(result_path), "logged": False, "log_owner": entry["owner"]}
+
+    with stop_deferred():
+        ledger.update(commit)
+        _log_once(ledger, evaluator, step, result, samples)
+
+
+def _record_failure(ledger: Ledger, evaluator: Evaluator, step: int, reason: str) -> None:
+    def commit(entries: dict[int, dict[str, Any]]) -> bool:
+        entry = entries.get(step, {})
+        if entry.get("status") != Status.RUNNING or entry.get("owner", {}).get("id") != evaluator.owner_id:
+            return False
+        entries[step] = {**entry, "status": Status.FAILED, "time": time.time(), "reason": reason}
+        return True
+
+    if ledger.update(commit):
+        print(f"step {step}: not evaluated: {reason}")
+    else:
+        print(f"step {step}: failure not recorded (this evaluator no longer holds the step): {reason}")
+
+
+def _log_once(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
+    evaluator.log(result, samples)
+    if evaluator.tracker is not None:
+        evaluator.tracker.wait_durable()  # `logged` is set only once W&B's file holds the row
+
+    def mark(entries: dict[int, dict[str, Any]]) -> None:
+        entry = entries.get(step)
+        if entry and entry["status"] == Status.DONE and entry.get("weights_id") == result["weights_id"]:
+            entries[step] = {**{k: v for k, v in entry.items() if k != "log_owner"}, "logged": True}
+
+    ledger.update(mark)
+
+
+def _relog_unlogged(layout: RunLayout, ledger: Ledger, evaluator: Evaluator) -> None:
+    """A previous evaluator wrote results but died before logging them: take over the logging duty of
+    each such step (under the lock: of two evaluators starting together only one does) and log it."""
+    alive = _alive_fn(layout, evaluator)
+
+    def take(entries: dict[int, dict[str, Any]]) -> list[int]:
+        taken = []
+        for step, entry in entries.items():
+            if entry["status"] == Status.DONE and not entry.get("logged") and not alive(entry.get("log_owner", {})):
+                entries[step] = {**entry, "log_owner": {"id": evaluator.owner_id}}
+                taken.append(step)
+        return sorted(taken)
+
+    for step in ledger.update(take):
+        path = ledger.path.parent / f"{step_dirname(step)}.json"
+        print(f"step {step}: logging results that an earlier evaluator wrote but did not log")
+        with stop_deferred():
+            _log_once(ledger, evaluator, step, json.loads(path.read_text()), None)
+
+
+def _alive_fn(layout: RunLayout | None, evaluator: Evaluator):
+    """owner -> alive?, by the run's heartbeats (this process is alive by definition)."""
+
+    def alive(owner: dict[str, Any]) -> bool:
+        if owner.get("id") == evaluator.owner_id:
+            return True
+        return layout is not None and owner.get("id") in live_presences(layout)
+
+    return alive
+
+
+# --------------------------------------------------------------------------------------------------
 # Serving a run: watch (or scan once), claim, evaluate, record.
 
 
-def serve_run(cfg: Config, run_dir: Path, evaluator: Evaluator, *, once: bool, force: bool) -> int:
-    ec = cfg.evaluation
+def check_run_dir(run_dir: Path) -> RunLayout:
+    """A run folder is one the trainer made: it has its config or its checkpoints folder."""
     layout = RunLayout(run_dir)
-    eval_dir = layout.eval_dir(ec.name)
-    ledger = Ledger(eval_dir)
-    _relog_unlogged(layout, ledger, evaluator)
-    forced = frozenset(list_ready_checkpoints(layout.checkpoints_dir)) if force else frozenset()
+    if not layout.config_path.is_file() and not layout.checkpoints_dir.is_dir():
+        raise CheckpointInvalid(f"{run_dir}: not a run folder (no config.yaml and no checkpoints/); "
+                                "start the trainer first, or check the path")
+    return layout
+
+
+def serve_run(cfg: Config, layout: RunLayout, evaluator: Evaluator, *, once: bool, force: bool) -> int:
+    ec = cfg.evaluation
+    ledger = Ledger(layout.eval_dir(ec.name))
+    presence = Presence(layout, ec.name, watching=not once, backfill=ec.backfill, timeout_s=ec.heartbeat_timeout_s).start()
+    alive = _alive_fn(layout, evaluator)
     watcher = None
-    if not once:
-        layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        watcher = CheckpointWatcher(layout.checkpoints_dir, ec.observer)
-        print(f"evaluator: watching {layout.checkpoints_dir} ({watcher.kind}; rescan every {ec.rescan_s:g}s)")
+    counts = {"evaluated": 0, "failed": 0}
     try:
+        _relog_unlogged(layout, ledger, evaluator)
+        forced = frozenset(ready_weights_ids(layout.checkpoints_dir)) if force else frozenset()
+        if not once:
+            layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            watcher = CheckpointWatcher(layout.checkpoints_dir, ec.observer)
+            print(f"evaluator: watching {layout.checkpoints_dir} ({watcher.kind}; rescan every {ec.rescan_s:g}s)")
         while True:
-            ready = sorted(list_ready_checkpoints(layout.checkpoints_dir))
-            claim = claim_next(ledger, ready, backfill=ec.backfill, newest_first=not once, force=forced)
+            ready = ready_weights_ids(layout.checkpoints_dir)
+            claim = claim_next(ledger, ready, alive=alive, backfill=ec.backfill, newest_first=not once, force=forced,
+                               is_ready=lambda step: (layout.checkpoint_dir(step) / READY).exists())
             if claim is None:
                 if once:
+                    print(f"evaluator: {layout.run_dir}: {summarize(ledger, ready)}; evaluated {counts['evaluated']} now, "
+                          f"{counts['failed']} failed")
                     return 0
                 watcher.wait(ec.rescan_s)
                 continue
             forced -= {claim.step}
+            for older, status in sorted(claim.passed_over.items()):
+                print(f"step {older}: {status} (passed over for newer step {claim.step})")
             if claim.interrupted:
-                print(f"step {claim.step}: evaluating again (the evaluator that had it was interrupted)")
-            _evaluate_claimed(layout, ledger, evaluator, claim.step)
+                print(f"step {claim.step}: evaluating again (the evaluator that had it was stopped or died)")
+            if claim.replaced:
+                print(f"step {claim.step}: its folder holds new weights since it was last seen; evaluating them")
+            ok = _evaluate_claimed(layout, ledger, evaluator, presence, claim.step, claim.weights_id)
+            counts["evaluated" if ok else "failed"] += 1
     except Stop:
         print("evaluator: stopped")
         return 0
     finally:
         if watcher is not None:
             watcher.stop()
+        presence.stop()
 
 
-def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, step: int) -> None:
-    name = evaluator.cfg.evaluation.name
+def summarize(ledger: Ledger, ready: dict[int, str]) -> str:
+    entries = ledger.read()
+    by_status: dict[str, int] = defaultdict(int)
+    for entry in entries.values():
+        by_status[entry["status"]] += 1
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    return f"{len(ready)} checkpoint(s) on disk; ledger: {parts or 'empty'}"
+
+
+def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, presence: Presence, step: int,
+                      weights: str | None) -> bool:
+    """Evaluate a claimed step and record the outcome; True if results were recorded."""
     ckpt_dir = layout.checkpoint_dir(step)
     try:
-        with Lease(layout, step):
+        with presence.lease(step):  # taken before verifying: retention can no longer delete it
             t0 = time.perf_counter()
             manifest = verify_checkpoint(ckpt_dir, model_only=True)
             verify_s = time.perf_counter() - t0
-            result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
+            if weights_id(manifest) != weights:
+                raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
+            result, samples = evaluator.evaluate(step, ckpt_dir, weights)
             result["timings_s"]["verify"] = verify_s
     except (Stop, KeyboardInterrupt):
-        # Interrupted: give the claim back so the step is evaluated later.
-        ledger.update(lambda entries: entries.pop(step, None))
+        give_back(ledger, step, evaluator.owner_id)  # pending, first in line for the next evaluator
         raise
     except Exception as exc:  # noqa: BLE001 - a bad checkpoint (or an engine failure) must not stop the service
         if not (ckpt_dir / READY).exists():
@@ -241,24 +365,15 @@ def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, s
             reason = str(exc)
         else:
             reason = f"{ckpt_dir}: {type(exc).__name__}: {exc}"
-        ledger.set(step, Status.FAILED, reason=reason)
-        print(f"step {step}: not evaluated: {reason}")
-        return
-    with stop_deferred():
-        write_result(layout.result_path(name, step), layout.samples_path(name, step), result, samples)
-        ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=False)
-        evaluator.log(result, samples)
-        ledger.set(step, Status.DONE, result=str(layout.result_path(name, step)), logged=True)
+        _record_failure(ledger, evaluator, step, reason)
+        return False
+    try:
+        _record(ledger, evaluator, step, result, samples)
+    except ClaimLost as exc:
+        print(exc)
+        return False
     print(summary_line(result))
-
-
-def _relog_unlogged(layout: RunLayout, ledger: Ledger, evaluator: Evaluator) -> None:
-    """A previous evaluator wrote results but died before logging them: log them now, once."""
-    for step, entry in sorted(ledger.read().items()):
-        if entry["status"] == Status.DONE and not entry.get("logged"):
-            path = layout.result_path(evaluator.cfg.evaluation.name, step)
-            evaluator.log(json.loads(path.read_text()), None)
-            ledger.set(step, Status.DONE, result=str(path), logged=True)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,32 +395,47 @@ def results_dir_for(cfg: Config, ckpt_dir: Path, out: str | None) -> Path:
     return ckpt_dir.parent / "eval" / cfg.evaluation.name / _folder_id(ckpt_dir)
 
 
-def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: Path, force: bool) -> Path:
-    """Evaluate one folder: a published checkpoint (verified) or a plain model folder (warned)."""
+def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: Path, force: bool) -> Path | None:
+    """Evaluate one folder: a published checkpoint (verified) or a plain model folder (warned). Results
+    are claimed and recorded in `out_dir`'s ledger like a watcher's, tied to the folder's weights."""
     if not ckpt_dir.is_dir():
         raise CheckpointInvalid(f"{ckpt_dir}: no such checkpoint directory")
-    if (ckpt_dir / READY).exists():
-        manifest = verify_checkpoint(ckpt_dir, model_only=True)
-        step = int(manifest["step"])
+    published = (ckpt_dir / READY).exists()
+    if published:
+        manifest = read_manifest(ckpt_dir)
+        step, weights = int(manifest["step"]), weights_id(manifest)
     else:
         if not (ckpt_dir / "config.json").is_file():
             raise CheckpointInvalid(f"{ckpt_dir}: not a model folder (no config.json) and no {READY} marker")
         print(f"warning: {ckpt_dir} has no {READY} manifest: its integrity cannot be checked")
-        manifest = None
-        step = parse_step(ckpt_dir.name) or 0
-    result_path = out_dir / f"{step_dirname(step)}.json"
-    if result_path.exists() and not force:
-        print(f"already evaluated: {result_path} (use --force to evaluate again)")
-        print(summary_line(json.loads(result_path.read_text())))
-        return result_path
-    run = _run_of(ckpt_dir)
-    with Lease(run, step) if run is not None else nullcontext():  # the trainer's retention keeps it meanwhile
-        result, samples = evaluator.evaluate(step, ckpt_dir, manifest)
-    with stop_deferred():
-        write_result(result_path, out_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
-        evaluator.log(result, samples)
-        if run is not None and out_dir == run.eval_dir(cfg.evaluation.name) and manifest is not None:
-            Ledger(out_dir).set(step, Status.DONE, result=str(result_path), logged=True)  # a watcher of the run need not redo it
+        step, weights = parse_step(ckpt_dir.name) or 0, folder_weights_id(ckpt_dir)
+    run = _run_of(ckpt_dir) if published else None
+    presence = Presence(run, None, watching=False, backfill=False, timeout_s=cfg.evaluation.heartbeat_timeout_s).start() if run else None
+    ledger = Ledger(out_dir)
+    try:
+        claimed, why_not = claim_step(ledger, step, weights, alive=_alive_fn(run, evaluator), force=force)
+        result_path = out_dir / f"{step_dirname(step)}.json"
+        if not claimed and why_not == "already evaluated":
+            print(f"already evaluated: {result_path} (same weights {weights}; use --force to evaluate again)")
+            print(summary_line(json.loads(result_path.read_text())))
+            return result_path
+        if not claimed:
+            raise CheckpointInvalid(why_not)
+        try:
+            with presence.lease(step) if presence else nullcontext():  # before verifying: retention keeps it
+                if published:
+                    verify_checkpoint(ckpt_dir, model_only=True)
+                result, samples = evaluator.evaluate(step, ckpt_dir, weights)
+        except (Stop, KeyboardInterrupt):
+            give_back(ledger, step, evaluator.owner_id)
+            raise
+        except Exception as exc:
+            _record_failure(ledger, evaluator, step, str(exc) if isinstance(exc, CheckpointInvalid) else f"{type(exc).__name__}: {exc}")
+            raise
+        _record(ledger, evaluator, step, result, samples)
+    finally:
+        if presence is not None:
+            presence.stop()
     print(summary_line(result))
     print(f"results: {result_path}")
     return result_path

@@ -181,11 +181,15 @@ class EvaluationConfig:
     """Sample generations logged to W&B per checkpoint."""
     num_threads: int | None = None
     """CPU threads for torch in the evaluator (null = torch's default). Only matters on CPU."""
+    heartbeat_timeout_s: float = 60.0
+    """An evaluator that has not renewed its heartbeat for this long is taken for dead (frozen, or its host
+    died): its claim is evaluated again and its leases no longer protect checkpoints. Clocks of hosts
+    sharing a run must agree to well within it."""
 
     def validate(self, key: str) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"{key}.name: must be a plain folder name, got {self.name!r}")
-        _positive(key, self, "max_tokens", "hf_batch_size", "rescan_s", "grader_timeout_s")
+        _positive(key, self, "max_tokens", "hf_batch_size", "rescan_s", "grader_timeout_s", "heartbeat_timeout_s")
         _positive_or_null(key, self, "num_samples", "num_threads", "num_grader_workers")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
@@ -366,13 +370,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_dotted(data, key, value)
     try:
         cfg = _build(Config, data)
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # Blame what the user typed: the override whose key the message names, else the file.
+        message = str(exc)
+        for (key, _), item in zip(parsed, overrides or []):
+            if message.startswith(f"{key}:") or f"'{key}'" in message or message.startswith(f"{key}["):
+                raise ConfigError(f"override '{item}': {message}") from None
+        raise ConfigError(f"{path}: {message}") from None
     return cfg
 
 
@@ -381,3 +391,44 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = _build(Config, data)
     cfg.validate()
     return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Resuming a run with another config
+
+RESUME_MAY_CHANGE = frozenset({
+    "training.max_steps", "training.eval_every", "training.keep_last", "training.log_every", "training.num_threads",
+    "training.gpus", "training.micro_batch_size", "model.trust_remote_code",
+})
+"""Keys that only extend or re-organise a run (how far, how often to save and log, how the same global batch
+is split): they may change on resume, and each change is printed. Every other `model.`, `training.` or
+`prompt_template` key changes what the past steps meant (data, order, schedule, model) and may not."""
+
+_RESUME_IGNORED_PREFIXES = ("evaluation.", "wandb.", "run_name", "runs_dir")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def resume_config_changes(saved: dict[str, Any], current: dict[str, Any], where: str) -> list[str]:
+    """The allowed changes between the config a checkpoint was trained with and the current one, as
+    'key: old -> new' lines; ConfigError listing every disallowed change at once."""
+    old, new = _flatten(saved), _flatten(current)
+    allowed, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(_RESUME_IGNORED_PREFIXES) or old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
+    if refused:
+        raise ConfigError(f"cannot resume {where} with a changed {', '.join(refused)} (this changes what the trained steps "
+                          "meant); restore the old value(s), or start a new run with another run_name")
+    return allowed

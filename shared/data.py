@@ -174,11 +174,14 @@ def _to_examples(records: Iterable[tuple[str, Any]], fmt: str, limit: int | None
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
+            text = line.rstrip("\r\n")  # the line ending is not part of the record: columns count within the line
+            if text.strip():
                 try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except ValueError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    where = "at the end of the line" if exc.pos >= len(text) else f"at column {exc.pos + 1}"
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} {where})") from None
+                yield f"{path}:{lineno}", record
 
 
 def read_jsonl(path: Path, fmt: str = "auto", limit: int | None = None) -> list[Example]:

@@ -2,14 +2,17 @@
 decides a path, a marker or a file format.
 
     runs/<run>/
-      config.yaml                        resolved config of the trainer (written once per start)
+      config.yaml                        resolved config of the trainer's latest start
+      .trainer.lock (+ .trainer.json)    held by the one trainer of this run (an OS lock: gone when it dies)
       checkpoints/
         .tmp_step_00000500/              being written; never read by anyone
         step_00000500/                   model files (safetensors, config, tokenizer) + trainer_state/
           READY                          JSON manifest, written last: the only signal a checkpoint is complete
-      leases/step_00000500.<owner>.json  an evaluator is using that checkpoint: retention must not delete it
+        corrupt_step_00000500/           a published checkpoint that failed verification, moved aside on resume
+      leases/<owner-id>.json             one per evaluator process: heartbeat, the steps it holds (leases),
+                                         the evaluation it serves (+ .lock: serialises leases and retention)
       eval/<eval_name>/
-        ledger.json (+ .lock)            per step: running | done | skipped | pending | failed, under a filelock
+        ledger.json (+ .lock)            per step: running | done | skipped | pending | failed | deleted
         step_00000500.json               metrics (written after the samples, atomically)
         step_00000500.samples.jsonl
 
@@ -20,6 +23,14 @@ Invariants:
 - Temporary directories start with `.tmp_`; only the trainer creates them and it removes leftovers
   when it starts, so a reader ignores them.
 - Every file is replaced by rename, never rewritten in place, so a reader sees old or new, never half.
+- A result is tied to the weights it measured (`weights_id`, a hash of the model files' hashes), never to
+  a step number alone: a step folder replaced by other weights is evaluated again.
+- An owner (evaluator process) is alive while its heartbeat is fresh. Within one kernel and pid namespace a
+  vanished pid proves it dead sooner; across hosts and containers only the heartbeat counts, so clocks must
+  agree to well within `timeout_s`. A frozen owner goes stale and loses its claims; it checks its claim
+  before recording anything, so a stale owner's result is discarded, never recorded over another's.
+- Retention decides under the leases lock and every ledger's lock, and READY goes first; a step is
+  leased or claimed under those same locks, so it is never deleted between being chosen and being held.
 
 Imports neither torch nor vllm (tests check this).
 """
@@ -32,7 +43,9 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +55,15 @@ from filelock import FileLock
 
 READY = "READY"
 TMP_PREFIX = ".tmp_"
+CORRUPT_PREFIX = "corrupt_"
 TRAINER_STATE_DIR = "trainer_state"
 MANIFEST_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _HASH_CHUNK_BYTES = 8 << 20
+_FILE_MODE = 0o644
+"""Every published file, whatever wrote it (safetensors writes 0600): readable by the group, like the rest."""
+_FAULT_LEDGER_HOLD_ENV = "MATH_SFT_FAULT_LEDGER_HOLD_S"
+"""Tests: seconds to wait inside a ledger update, between reading and writing (widens any race)."""
 
 
 class CheckpointInvalid(Exception):
@@ -58,6 +76,14 @@ class CheckpointWriteError(RuntimeError):
 
 class ResumeError(ValueError):
     """A run cannot be resumed as configured (e.g. another number of training processes)."""
+
+
+class RunInUse(RuntimeError):
+    """Another trainer holds the run directory."""
+
+
+class ClaimLost(RuntimeError):
+    """This process no longer owns the step it evaluated (it went stale and another evaluator took it)."""
 
 
 def step_dirname(step: int) -> str:
@@ -86,6 +112,10 @@ class RunLayout:
     @property
     def leases_dir(self) -> Path:
         return self.run_dir / "leases"
+
+    @property
+    def trainer_lock_path(self) -> Path:
+        return self.run_dir / ".trainer.lock"
 
     @property
     def base_model_dir(self) -> Path:
@@ -178,6 +208,7 @@ def publish_checkpoint(tmp_dir: Path, final_dir: Path, step: int, config_hash: s
     last step leaves a directory without READY, which no reader trusts."""
     manifest = build_manifest(tmp_dir, step, config_hash)
     for rel in manifest["files"]:
+        os.chmod(tmp_dir / rel, _FILE_MODE)
         with open(tmp_dir / rel, "rb") as f:
             os.fsync(f.fileno())
     for root, _, _ in os.walk(tmp_dir):
@@ -204,6 +235,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointInvalid(f"{marker}: unreadable manifest ({exc})") from None
     if not isinstance(files, dict):
         raise CheckpointInvalid(f"{marker}: unreadable manifest ('files' is not a mapping)")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise CheckpointInvalid(f"{marker}: manifest version {version!r} is newer than this code reads "
+                                f"(<= {MANIFEST_VERSION}); update the code that reads it")
     return manifest
 
 
@@ -230,8 +265,38 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
     return manifest
 
 
-def manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
+def _is_model_file(rel: str) -> bool:
+    return not rel.startswith(TRAINER_STATE_DIR + "/") and rel != READY
+
+
+def _weights_id_of(sha256_by_file: dict[str, str]) -> str:
+    model = {rel: digest for rel, digest in sha256_by_file.items() if _is_model_file(rel)}
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_id(manifest: dict[str, Any]) -> str:
+    """What a result measured: a hash of the model files' hashes (trainer state left out). The same
+    files give the same id whether they come from a manifest or from `folder_weights_id`."""
+    return _weights_id_of({rel: meta["sha256"] for rel, meta in manifest["files"].items()})
+
+
+def folder_weights_id(directory: Path) -> str:
+    """`weights_id` of a plain model folder (no READY), from its contents: reads every file once."""
+    rels = [rel for rel in _listed_files(directory) if _is_model_file(rel) and not rel.startswith(".")]
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(rels)))) as pool:
+        digests = list(pool.map(lambda rel: file_sha256(directory / rel), rels))
+    return _weights_id_of(dict(zip(rels, digests)))
+
+
+def ready_weights_ids(checkpoints_dir: Path) -> dict[int, str]:
+    """{step: weights_id} of the steps with a readable READY (not verified: a cheap look at the disk)."""
+    found = {}
+    for step, path in list_ready_checkpoints(checkpoints_dir).items():
+        try:
+            found[step] = weights_id(read_manifest(path))
+        except CheckpointInvalid:
+            continue  # being replaced, or broken: verification reports it when it is claimed
+    return found
 
 
 def list_ready_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
@@ -248,6 +313,19 @@ def list_ready_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def move_aside_corrupt(checkpoint_dir: Path) -> Path:
+    """Rename a published checkpoint that failed verification to corrupt_step_N (corrupt_step_N.2, ...)
+    so that the step can be written again; READY goes first, so nobody trusts it meanwhile."""
+    target = checkpoint_dir.with_name(CORRUPT_PREFIX + checkpoint_dir.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint_dir.with_name(f"{CORRUPT_PREFIX}{checkpoint_dir.name}.{n}")
+    (checkpoint_dir / READY).unlink(missing_ok=True)
+    os.rename(checkpoint_dir, target)
+    return target
+
+
 def remove_incomplete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Remove leftovers of interrupted saves: temporary folders, and step folders renamed into place
     whose READY was never written. Only the trainer (the only writer) may call this."""
@@ -262,7 +340,15 @@ def remove_incomplete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------
-# Process identity (leases and ledger claims name their owner so a dead owner can be detected)
+# Owners: who holds a claim or a lease, and whether it is still alive
+
+
+def _read_first_line(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
 
 
 def _process_start_ticks(pid: int) -> str | None:
@@ -273,64 +359,153 @@ def _process_start_ticks(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+_OWNER_ID = uuid.uuid4().hex[:16]
+
+
 def current_owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start_ticks(os.getpid())}
+    """This process: a random id (unique across hosts and containers) plus what lets a process on the
+    same kernel and pid namespace prove it dead early."""
+    return {"id": _OWNER_ID, "host": socket.gethostname(), "pid": os.getpid(), "start": _process_start_ticks(os.getpid()),
+            "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace()}
 
 
-def owner_alive(owner: dict[str, Any]) -> bool:
-    """False only when the owner is provably gone (same host, process missing or pid reused).
-    An owner on another host is assumed alive: we cannot see its processes."""
-    if owner.get("host") != socket.gethostname():
-        return True
+def _provably_gone(owner: dict[str, Any]) -> bool:
+    """True only where we share the owner's kernel and pid namespace and its process no longer exists."""
+    me = current_owner()
+    if not owner.get("boot_id") or owner.get("boot_id") != me["boot_id"] or owner.get("pid_ns") != me["pid_ns"]:
+        return False
     pid = owner.get("pid")
     if not isinstance(pid, int):
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
+    except PermissionError:
+        return False
     start = _process_start_ticks(pid)
-    return owner.get("start") is None or start is None or start == owner["start"]
+    return owner.get("start") is not None and start is not None and start != owner["start"]
+
+
+def describe_owner(owner: dict[str, Any]) -> str:
+    return f"pid {owner.get('pid')} on {owner.get('host')} (owner {owner.get('id')})"
 
 
 # --------------------------------------------------------------------------------------
-# Leases: an evaluator marks a checkpoint it is using; the trainer's retention honours them.
+# Presence: one heartbeat file per evaluator process and run; leases are the steps it lists.
+
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60.0
 
 
-class Lease:
-    """`with Lease(layout, step): ...` holds the checkpoint of `step` against deletion."""
-
-    def __init__(self, layout: RunLayout, step: int):
-        owner = current_owner()
-        self.path = layout.leases_dir / f"{step_dirname(step)}.{owner['host']}-{owner['pid']}.json"
-        self.record = {"step": step, "time": time.time(), **owner}
-
-    def __enter__(self) -> "Lease":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.record)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+def _presence_alive(record: dict[str, Any], now: float) -> bool:
+    try:
+        fresh = now - float(record["heartbeat_time"]) <= float(record["timeout_s"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return fresh and not _provably_gone(record.get("owner", {}))
 
 
-def leased_steps(layout: RunLayout) -> set[int]:
-    """Steps with a lease whose owner may still be alive. Leases of dead owners are removed."""
-    steps = set()
+def live_presences(layout: RunLayout) -> dict[str, dict[str, Any]]:
+    """{owner id: presence record} of the evaluator processes of this run whose heartbeat is fresh.
+    Files of owners provably dead are removed; stale ones (frozen, or on a host that died) are ignored."""
+    found: dict[str, dict[str, Any]] = {}
     if not layout.leases_dir.is_dir():
-        return steps
-    for path in layout.leases_dir.glob("step_*.json"):
+        return found
+    now = time.time()
+    for path in layout.leases_dir.glob("*.json"):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now: the next look sees it
-        if owner_alive(record):
-            steps.add(int(record["step"]))
-        else:
+        if not isinstance(record, dict):
+            continue
+        if _presence_alive(record, now):
+            found[record["owner"]["id"]] = record
+        elif _provably_gone(record.get("owner", {})):
             path.unlink(missing_ok=True)
-    return steps
+    return found
+
+
+def owner_alive(layout: RunLayout, owner: dict[str, Any]) -> bool:
+    """Is the evaluator that claimed something (its ledger entry's owner) still alive?"""
+    return owner.get("id") in live_presences(layout)
+
+
+class Presence:
+    """An evaluator process's heartbeat in a run (`leases/<owner id>.json`), rewritten every
+    timeout_s / 6 by a thread, and the steps it holds against deletion (`with presence.lease(step)`).
+
+    `watching`: a watcher of the run (its evaluation `eval_name` counts as attached: the trainer's
+    retention keeps steps it has not seen); `backfill`: it means to evaluate every step."""
+
+    def __init__(self, layout: RunLayout, eval_name: str | None, *, watching: bool, backfill: bool,
+                 timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S):
+        self.layout = layout
+        self.owner = current_owner()
+        self.path = layout.leases_dir / f"{self.owner['id']}.json"
+        self.info = {"eval_name": eval_name, "watching": watching, "backfill": backfill, "timeout_s": timeout_s}
+        self.steps: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        with self._lock:
+            record = {**self.info, "owner": self.owner, "steps": sorted(self.steps), "heartbeat_time": time.time()}
+            atomic_write_json(self.path, record)
+
+    def start(self) -> "Presence":
+        self.layout.leases_dir.mkdir(parents=True, exist_ok=True)
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.info["timeout_s"] / 6):
+            try:
+                self._write()
+            except OSError as exc:  # a full or vanished disk: we go stale, and say so
+                print(f"warning: heartbeat {self.path}: {exc}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+    def lease(self, step: int) -> "_Lease":
+        return _Lease(self, step)
+
+
+class _Lease:
+    def __init__(self, presence: Presence, step: int):
+        self.presence, self.step = presence, step
+
+    def __enter__(self) -> "_Lease":
+        """Hold the step, then check it still exists: retention decides under the same lock, so a step
+        seen here is kept until __exit__."""
+        layout = self.presence.layout
+        with FileLock(str(layout.leases_dir / ".lock")):
+            with self.presence._lock:
+                self.presence.steps.add(self.step)
+            self.presence._write()
+            if not (layout.checkpoint_dir(self.step) / READY).exists():
+                self.__exit__()
+                raise CheckpointInvalid(f"{layout.checkpoint_dir(self.step)}: deleted before it could be evaluated")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.presence._lock:
+            self.presence.steps.discard(self.step)
+        self.presence._write()
 
 
 # --------------------------------------------------------------------------------------
@@ -341,19 +516,20 @@ class Status:
     RUNNING = "running"
     DONE = "done"
     SKIPPED = "skipped"
-    PENDING = "pending"  # passed over for a newer checkpoint, to be back-filled
+    PENDING = "pending"  # passed over for a newer checkpoint (back-fill), or given back by a stopped evaluator
     FAILED = "failed"
+    DELETED = "deleted"  # removed by the trainer's retention before this evaluation saw it
 
 
 class Ledger:
     """What one evaluation (run + eval name) did with each step, in `ledger.json` under a filelock.
 
     All read-modify-write goes through `update`, which holds the lock, so two evaluators on the same
-    eval name never both claim a step."""
+    eval name never both claim a step. Entries carry the `weights_id` they refer to."""
 
     def __init__(self, eval_dir: Path):
         self.path = Path(eval_dir) / "ledger.json"
-        self._lock = FileLock(str(self.path) + ".lock")
+        self.lock = FileLock(str(self.path) + ".lock")
 
     def read(self) -> dict[int, dict[str, Any]]:
         try:
@@ -362,18 +538,33 @@ class Ledger:
             return {}
         except ValueError as exc:
             raise ValueError(f"{self.path}: corrupted ledger ({exc}); move it away to start this evaluation afresh") from None
-        return {int(k): v for k, v in raw.items()}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{self.path}: corrupted ledger (not a mapping); move it away to start this evaluation afresh")
+        entries = {}
+        for key, entry in raw.items():
+            if not key.isdigit() or not isinstance(entry, dict) or "status" not in entry:
+                raise ValueError(f"{self.path}: corrupted ledger (entry {key!r} is not a step with a status); "
+                                 "move it away to start this evaluation afresh")
+            entries[int(key)] = entry
+        return entries
 
     def update(self, fn: Callable[[dict[int, dict[str, Any]]], Any]) -> Any:
         """Run `fn(entries)` under the lock; it may modify entries in place. Returns fn's result."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            entries = self.read()
-            before = json.dumps(entries, sort_keys=True)
-            result = fn(entries)
-            if json.dumps(entries, sort_keys=True) != before:
-                atomic_write_json(self.path, {step_dirname(k)[5:]: v for k, v in sorted(entries.items())})
-            return result
+        with self.lock:
+            return self.update_locked(fn)
+
+    def update_locked(self, fn: Callable[[dict[int, dict[str, Any]]], Any]) -> Any:
+        """`update` for a caller that already holds `self.lock`."""
+        entries = self.read()
+        before = json.dumps(entries, sort_keys=True)
+        hold_s = float(os.environ.get(_FAULT_LEDGER_HOLD_ENV, "0") or 0)
+        if hold_s:
+            time.sleep(hold_s)
+        result = fn(entries)
+        if json.dumps(entries, sort_keys=True) != before:
+            atomic_write_json(self.path, {step_dirname(k)[5:]: v for k, v in sorted(entries.items())})
+        return result
 
     def set(self, step: int, status: str, **info: Any) -> None:
         def apply(entries: dict[int, dict[str, Any]]) -> None:
@@ -381,6 +572,15 @@ class Ledger:
             entries[step] = {**kept, "status": status, "time": time.time(), **info}
 
         self.update(apply)
+
+
+def entry_for(entries: dict[int, dict[str, Any]], step: int, weights: str | None) -> dict[str, Any] | None:
+    """The ledger entry of `step` if it is about these weights; None when the step is unseen, or its entry
+    speaks of other weights (the step folder was replaced, e.g. after a corrupt one was moved aside)."""
+    entry = entries.get(step)
+    if entry is not None and weights is not None and entry.get("weights_id") not in (None, weights):
+        return None
+    return entry
 
 
 def iter_ledgers(layout: RunLayout) -> Iterator[Ledger]:
@@ -391,15 +591,133 @@ def iter_ledgers(layout: RunLayout) -> Iterator[Ledger]:
                 yield Ledger(eval_dir)
 
 
-def steps_still_needed(layout: RunLayout) -> set[int]:
-    """Steps some evaluation is running or still means to evaluate (pending back-fill)."""
-    needed = set()
-    for ledger in iter_ledgers(layout):
+# --------------------------------------------------------------------------------------
+# Retention (the trainer's): which published steps may go, decided under every lock that matters
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    deleted: list[int]
+    kept_for: dict[int, str]
+    """Steps past keep_last that were kept, with why."""
+    unseen_by: dict[int, list[str]]
+    """Deleted steps that an evaluation never evaluated (recorded `deleted` in its ledger)."""
+
+
+def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: dict[str, bool]) -> RetentionResult:
+    """Unpublish (remove READY of) every step but the newest `keep_last`, except steps that an evaluator
+    holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
+    or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
+    {eval name: backfill} from the trainer's config; a live watcher's own setting counts too). Deleted
+    steps an evaluation never saw are recorded `deleted` in its ledger. The caller removes the folders.
+
+    All of it happens under the leases lock and every ledger's lock (taken in name order, the only
+    place that holds more than one), so nothing is claimed or leased between deciding and unpublishing."""
+    layout.leases_dir.mkdir(parents=True, exist_ok=True)
+    ready = ready_weights_ids(layout.checkpoints_dir)
+    candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
+    if not candidates:
+        return RetentionResult([], {}, {})
+    with FileLock(str(layout.leases_dir / ".lock")):
+        presences = live_presences(layout)
+        backfill = dict(eval_backfill)
+        attached = set()
+        for record in presences.values():
+            if record.get("watching") and record.get("eval_name"):
+                attached.add(record["eval_name"])
+                backfill[record["eval_name"]] = backfill.get(record["eval_name"], False) or bool(record.get("backfill"))
+        leased = {s for record in presences.values() for s in record.get("steps", [])}
+        names = sorted(set(backfill) | attached | {ledger.path.parent.name for ledger in iter_ledgers(layout)})
+        ledgers = [Ledger(layout.eval_dir(name)) for name in names]
+        for ledger in ledgers:
+            ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        with _all_locked([ledger.lock for ledger in ledgers]):
+            entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers)}
+            kept_for: dict[int, str] = {}
+            for step in candidates:
+                if step in leased:
+                    kept_for[step] = "leased by an evaluator"
+                    continue
+                for name, entries in entries_by_name.items():
+                    entry = entry_for(entries, step, ready[step])
+                    status = entry["status"] if entry else None
+                    if status == Status.RUNNING and entry.get("owner", {}).get("id") in presences:
+                        kept_for[step] = f"being evaluated by evaluation '{name}'"
+                    elif status in (Status.PENDING, Status.RUNNING):  # to back-fill, given back, or to retry
+                        kept_for[step] = f"evaluation '{name}' means to evaluate it ({status})"
+                    elif status is None and (name in attached or backfill.get(name)):
+                        why = "attached" if name in attached else "backfill on"
+                        kept_for[step] = f"not yet evaluated by evaluation '{name}' ({why})"
+                    if step in kept_for:
+                        break
+            deleted = [s for s in candidates if s not in kept_for]
+            unseen_by: dict[int, list[str]] = {}
+            for step in deleted:
+                # READY goes first: a half-deleted directory must never look valid.
+                (layout.checkpoint_dir(step) / READY).unlink(missing_ok=True)
+                for name, entries in entries_by_name.items():
+                    entry = entry_for(entries, step, ready[step])
+                    if entry is None or entry["status"] in (Status.PENDING, Status.RUNNING):
+                        unseen_by.setdefault(step, []).append(name)
+            for name, ledger in zip(names, ledgers):
+                def mark(entries: dict[int, dict[str, Any]], name: str = name) -> None:
+                    for step, evals in unseen_by.items():
+                        if name in evals:
+                            entries[step] = {"status": Status.DELETED, "time": time.time(), "weights_id": ready[step],
+                                             "reason": f"deleted by the trainer's retention (keep_last={keep_last}) before evaluation"}
+
+                ledger.update_locked(mark)
+    return RetentionResult(deleted, kept_for, unseen_by)
+
+
+class _all_locked:
+    def __init__(self, locks: list[FileLock]):
+        self.locks = locks
+
+    def __enter__(self) -> None:
+        for i, lock in enumerate(self.locks):
+            try:
+                lock.acquire()
+            except BaseException:
+                for held in self.locks[:i]:
+                    held.release()
+                raise
+
+    def __exit__(self, *exc: Any) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+
+# --------------------------------------------------------------------------------------
+# The one trainer of a run
+
+
+class TrainerLock:
+    """`with TrainerLock(layout): ...` or RunInUse naming the holder. An OS file lock: released by the
+    kernel when the holder dies, so a crash never leaves the run locked."""
+
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
+        self.info_path = layout.run_dir / ".trainer.json"
+        self._lock = FileLock(str(layout.trainer_lock_path))
+
+    def __enter__(self) -> "TrainerLock":
+        from filelock import Timeout
+
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            entries = ledger.read()
-        except ValueError:
-            continue
-        for step, entry in entries.items():
-            if entry["status"] == Status.PENDING or (entry["status"] == Status.RUNNING and owner_alive(entry.get("owner", {}))):
-                needed.add(step)
-    return needed
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                holder = json.loads(self.info_path.read_text())
+                who = f"{describe_owner(holder)}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['time']))}"
+            except (OSError, ValueError, KeyError):
+                who = "another process"
+            raise RunInUse(f"{self.layout.run_dir}: another trainer is training this run ({who}); "
+                           "stop it first, or choose another run_name") from None
+        atomic_write_json(self.info_path, {**current_owner(), "time": time.time()})
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.info_path.unlink(missing_ok=True)
+        self._lock.release()

@@ -7,14 +7,20 @@ anywhere by us: the resolved config holds no secret, and W&B reads the key from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import netrc
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from shared.config import Config
+
+WANDB_FLUSH_INTERVAL_S = 0.25
+"""How often W&B's service writes logged rows to its file (its default, 15 s, loses that much on a kill)."""
 
 
 def has_wandb_credentials() -> bool:
@@ -39,6 +45,7 @@ class Tracker:
     def __init__(self, cfg: Config, job_type: str, x_axis: str, out_dir: Path):
         """Logs go to `out_dir`/<job_type>_log.jsonl and, W&B's files, to `out_dir`/wandb."""
         self.x_axis = x_axis
+        created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
         out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = out_dir / f"{job_type}_log.jsonl"
         self.mode = resolve_mode(cfg.wandb.mode)
@@ -49,24 +56,37 @@ class Tracker:
             try:
                 self.run = self._init(wandb, cfg, job_type, out_dir, x_axis, self.mode)
             except Exception as exc:  # noqa: BLE001 - W&B raises many types; all mean "cannot log there"
+                if created:  # leave no half-made folder behind
+                    shutil.rmtree(created[-1], ignore_errors=True)
                 raise ValueError(f"W&B ({self.mode}) could not start: {exc}; set wandb.mode=offline or disabled") from None
 
     @staticmethod
     def _init(wandb, cfg: Config, job_type: str, out_dir: Path, x_axis: str, mode: str):
+        # One W&B run per output folder and job, resumed by every restart, so a restarted service continues
+        # its curves (offline: `wandb sync` appends the restarts' files in order) instead of adding a run.
+        run_id = f"{cfg.run_name}-{job_type}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:10]}"
         run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group or cfg.run_name,
             job_type=job_type,
             name=f"{cfg.run_name}-{job_type}",
+            id=run_id,
+            resume="allow",
             dir=str(out_dir),  # W&B writes into out_dir/wandb
             mode=mode,
             config=cfg.to_dict(),
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=wandb.Settings(silent=True, console="off", x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S),
         )
         run.define_metric(x_axis)
         run.define_metric("*", step_metric=x_axis)
         return run
+
+    def wait_durable(self) -> None:
+        """Return once what was logged is in W&B's own file: its service writes every
+        WANDB_FLUSH_INTERVAL_S and drops what it has not written if this process is killed."""
+        if self.run is not None:
+            time.sleep(WANDB_FLUSH_INTERVAL_S * 2)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.log_path, "a") as f:

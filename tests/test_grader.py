@@ -3,18 +3,22 @@ is it right?). Responses are built around the answer so the format logic is exer
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from evaluator.grader import GraderPool, extract_answer, r1_zero_reward
+from evaluator.grader import GraderError, GraderPool, extract_answer, r1_zero_reward
 
 
 def resp(answer: str) -> str:
     return f"Some reasoning here. </think> <answer> {answer} </answer>"
 
 
+REPO = Path(__file__).resolve().parent.parent
 RIGHT, WRONG = True, False
 
 # (predicted answer, ground truth, mathematically equal?)
@@ -99,10 +103,6 @@ CASES = [
 def test_equivalence(pred, gold, right):
     expected = float(right)
     assert r1_zero_reward(resp(pred), gold) == {"format_reward": 1.0, "answer_reward": expected, "reward": expected}
-
-
-def test_there_are_at_least_150_cases():
-    assert len(CASES) + len(FORMAT_CASES) >= 150
 
 
 # (response, ground truth, format_reward, answer_reward)
@@ -197,14 +197,77 @@ def test_pool_replaces_a_worker_that_stops_responding():
     stopped with SIGSTOP) is killed and replaced, and its case counts as a timeout."""
     pool = GraderPool(1, timeout_s=0.5)
     try:
-        stuck = pool._workers[0][0]
+        pool.grade([resp("1")], ["1"])  # the worker is ready
+        stuck = pool._workers[0].proc
         os.kill(stuck.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         rewards, stats = pool.grade([resp("2")], ["2"])
         assert rewards[0] == {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
         assert stats == {"grader_timeouts": 1, "grader_errors": 0}
         assert time.monotonic() - t0 < 0.5 + GraderPool.KILL_GRACE_S + 2
-        assert not stuck.is_alive() and pool._workers[0][0] is not stuck
+        assert stuck.poll() is not None and pool._workers[0].proc is not stuck
         assert pool.grade([resp("2")], ["2"])[0][0]["reward"] == 1.0
     finally:
         pool.close()
+
+
+def test_deadline_starts_when_the_worker_is_ready():
+    """A bound shorter than a fresh worker's start (importing sympy) must not time out every case."""
+    pool = GraderPool(2, timeout_s=0.2)
+    try:
+        rewards, stats = pool.grade([resp("\\frac{1}{2}"), resp("3")], ["0.5", "4"])
+        assert [r["reward"] for r in rewards] == [1.0, 0.0] and stats == {"grader_timeouts": 0, "grader_errors": 0}
+    finally:
+        pool.close()
+
+
+def test_a_worker_killed_mid_case_is_replaced_and_the_case_retried():
+    pool = GraderPool(1, timeout_s=30.0)
+    try:
+        pool.grade([resp("1")], ["1"])
+        first = pool._workers[0].proc
+        os.kill(first.pid, signal.SIGSTOP)  # it takes the case but cannot answer before it is killed (as by OOM)
+        threading.Timer(0.5, lambda: os.kill(first.pid, signal.SIGKILL)).start()
+        rewards, stats = pool.grade([resp("7"), resp("8")], ["7", "9"])
+        assert [r["reward"] for r in rewards] == [1.0, 0.0] and stats == {"grader_timeouts": 0, "grader_errors": 0}
+        assert pool._workers[0].proc is not first
+    finally:
+        pool.close()
+
+
+def test_workers_that_cannot_start_raise_never_reward_zero(monkeypatch):
+    monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # every new interpreter dies at start-up
+    with pytest.raises(GraderError, match="could not start"):
+        pool = GraderPool(1, timeout_s=1.0)
+        pool.grade([resp("1")], ["1"])
+
+
+def test_several_answer_blocks_grade_the_last():
+    response = "</think> <answer>3</answer> wait, I made a mistake <answer>\\boxed{4}</answer>"
+    assert r1_zero_reward(response, "4")["reward"] == 1.0
+    assert r1_zero_reward(response, "3")["reward"] == 0.0
+    assert extract_answer("</think> <answer>5</answer> and then <answer>6") == "5"  # the last complete block
+
+
+MATH500 = REPO.parent / "shared" / "data" / "math500" / "test.jsonl"
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason="team data kit not beside the checkout")
+def test_plain_script_without_main_guard_grades_all_math500_references(tmp_path):
+    """r1_zero_reward from a script with no `if __name__ == "__main__":` guard: every MATH-500 reference
+    solution's boxed answer is right against its `answer` (this once returned 0 for all 500, silently)."""
+    script = tmp_path / "grade_refs.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from evaluator.grader import r1_zero_reward\n"
+        "from shared.data import last_boxed\n"
+        f"rows = [json.loads(line) for line in open({str(MATH500)!r})]\n"
+        "right = sum(r1_zero_reward('</think> <answer>' + last_boxed(r['solution']) + '</answer>', r['answer'])['reward']\n"
+        "            for r in rows)\n"
+        "print(f'{int(right)}/{len(rows)}')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "500/500", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr

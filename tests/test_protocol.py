@@ -1,25 +1,39 @@
 import json
-import multiprocessing as mp
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import shared.protocol as protocol
+from evaluator.scheduler import claim_next
 from shared.protocol import (
     READY,
     CheckpointInvalid,
-    Lease,
     Ledger,
+    Presence,
+    RunInUse,
     RunLayout,
     Status,
-    leased_steps,
+    TrainerLock,
+    atomic_write_json,
+    folder_weights_id,
+    live_presences,
     list_ready_checkpoints,
+    owner_alive,
     publish_checkpoint,
+    read_manifest,
     remove_incomplete_checkpoints,
-    steps_still_needed,
+    unpublish_old_checkpoints,
     verify_checkpoint,
+    weights_id,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_checkpoint(layout: RunLayout, step: int, payload: bytes = b"weights" * 100) -> None:
@@ -38,16 +52,64 @@ def layout(tmp_path):
     return layout
 
 
-def test_publish_writes_manifest_last_and_verifies(layout):
+def test_publish_writes_manifest_last_and_verifies(layout, monkeypatch):
+    at_ready_write = {}
+    real_write = protocol.atomic_write_json
+
+    def spy(path, obj):  # the real write, after noting what the disk looked like at that moment
+        if Path(path).name == READY:
+            final = Path(path).parent
+            at_ready_write.update(renamed=final.is_dir() and not layout.tmp_checkpoint_dir(5).exists(),
+                                  files={rel: (final / rel).stat().st_size for rel in obj["files"]})
+        real_write(path, obj)
+
+    monkeypatch.setattr(protocol, "atomic_write_json", spy)
     make_checkpoint(layout, 5)
     ckpt = layout.checkpoint_dir(5)
-    assert not layout.tmp_checkpoint_dir(5).exists()
+    assert at_ready_write["renamed"], "READY was written before the folder was renamed into place"
     manifest = json.loads((ckpt / READY).read_text())
-    assert manifest["step"] == 5 and manifest["config_hash"] == "cfg123"
+    assert at_ready_write["files"] == {rel: meta["size_bytes"] for rel, meta in manifest["files"].items()}
+    assert manifest["step"] == 5 and manifest["config_hash"] == "cfg123" and manifest["version"] == protocol.MANIFEST_VERSION
     assert set(manifest["files"]) == {"model.safetensors", "config.json", "trainer_state/state.json"}
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != READY}
+    assert set(manifest["files"]) == on_disk  # nothing in the folder is left out of the manifest
     assert manifest["files"]["model.safetensors"]["size_bytes"] == 700
+    assert {oct(p.stat().st_mode & 0o777) for p in ckpt.rglob("*") if p.is_file() and p.name != READY} == {"0o644"}
     assert verify_checkpoint(ckpt)["step"] == 5
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [5]
+
+
+def test_files_are_replaced_by_rename_never_rewritten_in_place(tmp_path):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"v": 1})
+    reader = open(path)  # a reader that opened the old file keeps reading the old file, whole
+    inode = path.stat().st_ino
+    atomic_write_json(path, {"v": 2})
+    assert path.stat().st_ino != inode
+    assert json.loads(reader.read()) == {"v": 1} and json.loads(path.read_text()) == {"v": 2}
+    reader.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left
+
+
+def test_newer_manifest_version_is_a_clear_error(layout):
+    make_checkpoint(layout, 1)
+    marker = layout.checkpoint_dir(1) / READY
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "version": protocol.MANIFEST_VERSION + 1}))
+    with pytest.raises(CheckpointInvalid, match=r"manifest version 2 is newer than this code reads"):
+        verify_checkpoint(layout.checkpoint_dir(1))
+
+
+def test_weights_id_is_the_content_of_the_model_files(layout, tmp_path):
+    make_checkpoint(layout, 1)
+    make_checkpoint(layout, 2)
+    make_checkpoint(layout, 3, payload=b"other weights")
+    ids = {s: weights_id(read_manifest(layout.checkpoint_dir(s))) for s in (1, 2, 3)}
+    assert ids[1] == ids[2] != ids[3]  # same bytes, same id, whatever the step
+    plain = tmp_path / "plain"
+    shutil.copytree(layout.checkpoint_dir(1), plain, ignore=shutil.ignore_patterns(READY, "trainer_state"))
+    assert folder_weights_id(plain) == ids[1]  # a plain folder of the same files: the same id
+    (plain / "model.safetensors").write_bytes(b"x")
+    assert folder_weights_id(plain) != ids[1]
 
 
 def test_truncated_file_is_caught(layout):
@@ -108,58 +170,142 @@ def test_tmp_dirs_are_ignored_and_removed(layout):
     assert not tmp.exists() and not half.exists() and layout.checkpoint_dir(2).exists()
 
 
-def test_lease_of_live_and_dead_owner(layout):
-    with Lease(layout, 7):
-        assert leased_steps(layout) == {7}
-    assert leased_steps(layout) == set()
-    # A lease left by a process that died is not honoured (and is cleaned up).
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(proc.stdout)
-    lease = Lease(layout, 8)
-    lease.record["pid"] = dead_pid
-    lease.__enter__()
-    assert leased_steps(layout) == set()
-    assert not lease.path.exists()
+HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from shared.protocol import Presence, RunLayout
+presence = Presence(RunLayout(Path({run!r})), "default", watching=True, backfill=False, timeout_s={timeout}).start()
+with presence.lease(2):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
 
 
-def test_steps_still_needed_reads_every_ledger(layout):
-    ledger = Ledger(layout.eval_dir("a"))
-    ledger.set(2, Status.PENDING)
-    ledger.set(3, Status.DONE)
-    ledger.set(4, Status.RUNNING, owner={"host": os.uname().nodename, "pid": os.getpid(), "start": None})
-    Ledger(layout.eval_dir("b")).set(5, Status.SKIPPED)
-    assert steps_still_needed(layout) == {2, 4}
+def start_holder(layout, timeout_s, prefix=()):
+    code = HOLDER.format(repo=str(REPO), run=str(layout.run_dir), timeout=timeout_s)
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
 
 
-def _claim_many(eval_dir, worker, n, out):
-    ledger = Ledger(eval_dir)
-    won = []
-    for step in range(n):
-        def claim(entries, step=step):
-            if step not in entries:
-                entries[step] = {"status": Status.RUNNING, "owner": worker}
-                return True
-            return False
-        if ledger.update(claim):
-            won.append(step)
-    out.put(won)
+def test_lease_and_heartbeat_of_a_live_process_then_a_dead_one(layout):
+    for step in (2, 4, 6):
+        make_checkpoint(layout, step)
+    holder = start_holder(layout, timeout_s=30)
+    try:
+        assert [r["steps"] for r in live_presences(layout).values()] == [[2]]
+        result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={})
+        # 2 is leased; 4 is unseen by an attached (watching) evaluation: both kept, with the reason
+        assert result.deleted == [] and "leased" in result.kept_for[2] and "attached" in result.kept_for[4]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Same kernel and pid namespace: a vanished pid proves it dead at once, long before its timeout.
+    assert live_presences(layout) == {}
+    result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={"default": False})  # as the trainer passes it
+    assert result.deleted == [2, 4] and not (layout.checkpoint_dir(2) / READY).exists()
+    assert result.unseen_by == {2: ["default"], 4: ["default"]}
+    entries = Ledger(layout.eval_dir("default")).read()
+    assert entries[2]["status"] == entries[4]["status"] == Status.DELETED and "retention" in entries[2]["reason"]
 
 
-def test_ledger_claims_are_exclusive_across_processes(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_many, args=(tmp_path / "eval", w, 40, out)) for w in range(3)]
-    for p in procs:
-        p.start()
-    won = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join()
-    flat = [s for w in won for s in w]
-    assert sorted(flat) == list(range(40))  # every step claimed exactly once
-    assert len(Ledger(tmp_path / "eval").read()) == 40
+@pytest.mark.skipif(subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0,
+                    reason="needs unshare --pid (root)")
+def test_a_holder_in_another_pid_namespace_is_alive_until_its_heartbeat_stops(layout):
+    """Containers that share a host name but not a pid namespace: its pid means nothing here, so only
+    its heartbeat counts (the old check deleted a live evaluator's lease)."""
+    for step in (2, 4):
+        make_checkpoint(layout, step)
+    holder = start_holder(layout, timeout_s=2, prefix=("unshare", "--pid", "--fork", "--kill-child"))
+    try:
+        time.sleep(2.5)  # longer than its timeout: only fresh heartbeats keep it alive
+        assert [r["steps"] for r in live_presences(layout).values()] == [[2]]
+        assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == []
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(2.5)  # dead across namespaces: found by its stale heartbeat
+    assert live_presences(layout) == {}
+    assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == [2]
+
+
+def test_a_frozen_holder_goes_stale_and_its_claims_are_taken(layout):
+    make_checkpoint(layout, 2)
+    make_checkpoint(layout, 4)
+    holder = start_holder(layout, timeout_s=2)
+    try:
+        (owner_id, record), = live_presences(layout).items()
+        ledger = Ledger(layout.eval_dir("default"))
+        ledger.set(2, Status.RUNNING, owner=record["owner"], weights_id="x", attempts=1)
+        os.kill(holder.pid, signal.SIGSTOP)
+        time.sleep(2.5)
+        assert not owner_alive(layout, record["owner"])
+        assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == [2]
+        os.kill(holder.pid, signal.SIGCONT)
+        time.sleep(1.0)  # its heartbeat resumes, and it is alive again (it then finds its claim gone)
+        assert owner_id in live_presences(layout)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_backfill_in_the_trainers_config_keeps_unseen_steps_without_an_evaluator(layout):
+    for step in (2, 4, 6):
+        make_checkpoint(layout, step)
+    Ledger(layout.eval_dir("default")).set(2, Status.DONE, weights_id=weights_id(read_manifest(layout.checkpoint_dir(2))))
+    result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={"default": True})
+    assert result.deleted == [2] and "backfill" in result.kept_for[4] and result.unseen_by == {}
+
+
+def _claim_loop(eval_dir, run_dir, steps, out):
+    from shared.protocol import RunLayout
+
+    ledger, won = Ledger(Path(eval_dir)), []
+    layout = RunLayout(Path(run_dir))
+    while (got := claim_next(ledger, {s: "w" for s in range(steps)}, alive=lambda o: True, backfill=False,
+                             newest_first=False)) is not None:
+        won.append(got.step)
+        ledger.set(got.step, Status.DONE, weights_id="w")
+    out.write_text(json.dumps(won))
+    del layout
+
+
+def test_claim_next_is_exclusive_across_processes(tmp_path):
+    """Three processes claim from one ledger, each claim held open 20 ms between read and write: without
+    the lock they would take the same steps."""
+    outs = [tmp_path / f"won{i}.json" for i in range(3)]
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, {repo!r}); from tests.test_protocol import _claim_loop; "
+            "_claim_loop({eval!r}, {run!r}, 12, Path(sys.argv[1]))")
+    code = code.format(repo=str(REPO), eval=str(tmp_path / "eval"), run=str(tmp_path))
+    env = {**os.environ, "MATH_SFT_FAULT_LEDGER_HOLD_S": "0.02"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, cwd=REPO) for out in outs]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    won = [s for out in outs for s in json.loads(out.read_text())]
+    assert sorted(won) == list(range(12))  # every step claimed exactly once
+
+
+def test_one_trainer_per_run(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    code = ("import sys, time; sys.path.insert(0, {repo!r}); from shared.protocol import TrainerLock, RunLayout; "
+            "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))):\n    print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code.format(repo=str(REPO), run=str(layout.run_dir))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUse, match=rf"another trainer is training this run \(pid {holder.pid} on"):
+            with TrainerLock(layout):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with TrainerLock(layout):  # the kernel released a dead holder's lock
+        pass
 
 
 def test_corrupted_ledger_is_a_clear_error(tmp_path):
     (tmp_path / "ledger.json").write_text("{oops")
     with pytest.raises(ValueError, match="corrupted ledger"):
+        Ledger(tmp_path).read()
+    (tmp_path / "ledger.json").write_text(json.dumps({"abc": {"status": "done"}}))
+    with pytest.raises(ValueError, match=r"corrupted ledger \(entry 'abc' is not a step with a status\)"):
         Ledger(tmp_path).read()

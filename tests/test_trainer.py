@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, rewind_copy, run_service, service_env, start_service, wait_for
-from shared.protocol import READY, Lease, RunLayout, list_ready_checkpoints, verify_checkpoint
+from shared.protocol import READY, Ledger, Presence, RunLayout, Status, list_ready_checkpoints, verify_checkpoint
 
 CKPT_FILES = {
     "READY", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -73,6 +73,13 @@ def test_resume_gives_the_same_losses(trained_run, tmp_path, make_config):
         a = (RunLayout(run).checkpoint_dir(step) / "model.safetensors").read_bytes()
         b = (RunLayout(trained_run).checkpoint_dir(step) / "model.safetensors").read_bytes()
         assert a == b
+    # The random stream continues where it was: the resumed process restored it (building the model in
+    # the first process consumed random numbers that a resumed process never drew).
+    import torch
+
+    rng = [torch.load(RunLayout(r).checkpoint_dir(6) / "trainer_state" / "state.pt", weights_only=True)["rng"]["torch"]
+           for r in (run, trained_run)]
+    assert torch.equal(rng[0], rng[1])
 
 
 def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_path, make_config):
@@ -120,12 +127,122 @@ def test_write_error_during_save_fails_loudly_and_keeps_earlier_checkpoints(tmp_
 def test_retention_keeps_leased_and_needed_checkpoints(tmp_path, make_config):
     layout = RunLayout(tmp_path / "runs" / "tiny")
     cfg = make_config({"training": {"max_steps": 10, "keep_last": 1}})
-    layout.leases_dir.mkdir(parents=True)
-    from shared.protocol import Ledger, Status
-
+    run_service("trainer", "--config", make_config({"training": {"max_steps": 2, "keep_last": 1}}, name="first.yaml"))
     Ledger(layout.eval_dir("default")).set(6, Status.PENDING)  # an evaluator still means to back-fill 6
-    with Lease(layout, 2):  # held by this (live) process
-        run_service("trainer", "--config", cfg)
-        assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 6, 10]
+    presence = Presence(layout, None, watching=False, backfill=False).start()  # a live evaluator, not watching
+    try:
+        with presence.lease(2):
+            out = run_service("trainer", "--config", cfg).stdout
+            assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 6, 10]
+    finally:
+        presence.stop()
     for step in (2, 6, 10):
         verify_checkpoint(layout.checkpoint_dir(step))
+    assert "retention: keeping step 2 beyond keep_last=1: leased by an evaluator" in out
+    assert "retention: keeping step 6 beyond keep_last=1: evaluation 'default' means to evaluate it (pending)" in out
+    # 4 and 8 were never evaluated: deleted, said so, and recorded
+    assert "retention: deleted step 4 before evaluation(s) default saw it" in out
+    entries = Ledger(layout.eval_dir("default")).read()
+    assert entries[4]["status"] == entries[8]["status"] == Status.DELETED
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
+    cfg = make_config()
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    first = start_service("trainer", "--config", cfg, log=tmp_path / "first.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"})
+    try:
+        wait_for(lambda: layout.tmp_checkpoint_dir(2).exists(), 120, "the first trainer's first save")
+        second = run_service("trainer", "--config", cfg, check=False)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"another trainer is training this run (pid {first.pid} on" in second.stderr
+        assert first.poll() is None and layout.tmp_checkpoint_dir(2).exists() or layout.checkpoint_dir(2).exists()
+        assert first.wait(120) == 0
+    finally:
+        first.kill()
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 4, 6]
+
+
+def test_rerunning_a_finished_run_does_nothing_and_keeps_its_config(run_copy, make_config):
+    before = (run_copy / "config.yaml").read_text()
+    proc = run_service("trainer", "--config", make_config())
+    assert "already trained to step 6 (training.max_steps=6); nothing to do" in proc.stdout
+    assert (run_copy / "config.yaml").read_text() == before
+    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [2, 4, 6]
+
+
+def test_resume_refuses_changes_to_the_past_and_states_extensions(trained_run, tmp_path, make_config):
+    run = rewind_copy(trained_run, tmp_path / "runs" / "tiny", to_step=2)
+    bad = run_service("trainer", "--config", make_config({"training": {"batch_size": 4, "seed": 1}}), check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "training.batch_size: 8 -> 4" in bad.stderr and "training.seed: 0 -> 1" in bad.stderr  # every change at once
+    assert list(list_ready_checkpoints(run / "checkpoints")) == [2]
+    out = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}})).stdout
+    assert "resume: training.max_steps: 6 -> 8" in out
+    assert "the cosine schedule now ends at step 8, not 6: learning rate at step 2 is" in out
+    assert list(list_ready_checkpoints(run / "checkpoints")) == [2, 4, 6, 8]
+
+
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(run_copy, make_config):
+    weights = run_copy / "checkpoints" / "step_00000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = run_service("trainer", "--config", make_config())
+    assert "moved it aside to" in proc.stdout and "corrupt_step_00000006" in proc.stdout
+    assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
+    assert (run_copy / "checkpoints" / "corrupt_step_00000006").is_dir()
+    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [2, 4, 6]
+    verify_checkpoint(run_copy / "checkpoints" / "step_00000006")
+
+
+def test_a_tampered_trainer_state_is_refused_in_one_line_and_never_run(run_copy, tmp_path, make_config):
+    ckpt = run_copy / "checkpoints" / "step_00000006"
+    marker = tmp_path / "pwned"
+    payload = ("import os, torch\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch " + str(marker) + "',))\n"
+               f"torch.save({{'optimizer': P()}}, {str(ckpt / 'trainer_state' / 'state.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    from shared.protocol import build_manifest, atomic_write_json  # READY updated to match, as an attacker would
+    atomic_write_json(ckpt / READY, build_manifest(ckpt, 6, "x"))
+    proc = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}}), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "state.pt: refused: not a plain tensor file" in proc.stderr and "weights_only=False" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_losses_match_a_plain_loop_with_clipping(trained_run):
+    """The trainer's losses against an independent plain loop (whole batch at once, clip, AdamW): the
+    clipping, the schedule and the loss normalisation are checked against code that is not the trainer's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.config import config_from_dict
+    from shared.data import load_dataset, load_prompt_template, render_prompt
+    from trainer.sft import tokenize_prompt_and_output
+    from trainer.train import DataOrder, lr_at
+
+    cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    tc = cfg.training
+    logged = {r["train_step"]: r for r in train_log(trained_run)}
+    assert max(r["train/grad_norm"] for r in logged.values()) > tc.max_grad_norm  # clipping is active in this run
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(trained_run / "base_model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "base_model")
+    template = load_prompt_template(cfg.prompt_template_path())
+    data = load_dataset(tc.data)
+    order = DataOrder(len(data), tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+    for step in range(tc.max_steps):
+        batch = [data[order[p]] for p in range(step * tc.batch_size, (step + 1) * tc.batch_size)]
+        mb = tokenize_prompt_and_output([render_prompt(template, ex) for ex in batch], [ex.response for ex in batch],
+                                        tokenizer, max_len=tc.max_seq_len)
+        logits = model(input_ids=mb["input_ids"]).logits
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), mb["labels"], reduction="none")
+        loss = (nll * mb["response_mask"]).sum() / mb["response_mask"].sum()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        opt.step()
+        opt.zero_grad()
+        assert logged[step + 1]["train/loss"] == pytest.approx(loss.item(), abs=2e-5), step
+        assert logged[step + 1]["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4), step

@@ -8,7 +8,7 @@ import sys
 
 from shared.config import load_config
 from shared.launch import physical_gpu_count, pin_gpus, run_main
-from shared.protocol import CheckpointWriteError
+from shared.protocol import CheckpointInvalid, CheckpointWriteError, RunInUse
 
 
 def main() -> int:
@@ -36,4 +36,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ValueError, OSError, CheckpointWriteError))
+    run_main(main, (ValueError, OSError, CheckpointWriteError, CheckpointInvalid, RunInUse))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -26,14 +27,13 @@ from shared.hf_models import tied_weight_names
 from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
+    CheckpointInvalid,
     CheckpointWriteError,
     ResumeError,
     TRAINER_STATE_DIR,
     RunLayout,
-    leased_steps,
-    list_ready_checkpoints,
     publish_checkpoint,
-    steps_still_needed,
+    unpublish_old_checkpoints,
 )
 
 MAX_SHARD_BYTES = 5 << 30
@@ -123,14 +123,18 @@ class _Snapshot:
 
 
 class AsyncCheckpointer:
-    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path | None, keep_last: int | None, d: Dist = Dist()):
+    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path | None, keep_last: int | None, d: Dist = Dist(),
+                 eval_backfill: dict[str, bool] | None = None):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
-        processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard."""
+        processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
+        `eval_backfill`: {evaluation name: backfill} of the run's config, for retention."""
         self.d = d
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
+        self.eval_backfill = eval_backfill or {}
+        self._announced_kept: set[int] = set()
         self.static_files = {
             p.name: p.read_bytes()
             for p in (sorted(model_files_dir.iterdir()) if model_files_dir else [])
@@ -239,8 +243,8 @@ class AsyncCheckpointer:
             return
         try:
             self._apply_retention()
-        except OSError as exc:  # the checkpoint is published; a retention problem must not stop training
-            print(f"warning: retention after step {step}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is published; retention must not stop training
+            print(f"warning: retention after step {step} failed, nothing more deleted this time: {type(exc).__name__}: {exc}")
 
     def _wait_for_shards(self, tmp: Path, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -251,17 +255,20 @@ class AsyncCheckpointer:
             time.sleep(0.05)
 
     def _apply_retention(self) -> None:
+        """Keep the newest keep_last steps and whatever an evaluator holds or still needs; say what is kept
+        beyond keep_last (once per step) and which deleted steps an evaluation never saw."""
         if self.keep_last is None:
             return
-        steps = sorted(list_ready_checkpoints(self.layout.checkpoints_dir))
-        protected = leased_steps(self.layout) | steps_still_needed(self.layout)
-        for step in steps[: -self.keep_last]:
-            if step in protected:
-                continue
-            path = self.layout.checkpoint_dir(step)
-            # READY goes first: a half-deleted directory must never look valid.
-            (path / READY).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+        outcome = unpublish_old_checkpoints(self.layout, self.keep_last, self.eval_backfill)
+        for step in outcome.deleted:
+            shutil.rmtree(self.layout.checkpoint_dir(step), ignore_errors=True)
+            if step in outcome.unseen_by:
+                print(f"retention: deleted step {step} before evaluation(s) {', '.join(outcome.unseen_by[step])} saw it "
+                      f"(recorded as deleted in their ledgers)")
+        for step, why in sorted(outcome.kept_for.items()):
+            if step not in self._announced_kept:
+                print(f"retention: keeping step {step} beyond keep_last={self.keep_last}: {why}")
+                self._announced_kept.add(step)
 
 
 def _fault_pause() -> None:
@@ -307,15 +314,27 @@ def state_file_name(d: Dist) -> str:
     return f"state_rank{d.rank:05d}.pt" if d.enabled else "state.pt"
 
 
-def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor state {optimizer, rng} of this rank, trainer_state json) of a verified checkpoint."""
-    meta = json.loads((checkpoint_dir / TRAINER_STATE_DIR / "trainer_state.json").read_text())
-    saved_world = meta.get("world_size", 1)
+def read_trainer_meta(checkpoint_dir: Path) -> dict[str, Any]:
+    """trainer_state.json of a verified checkpoint: step, config, world size."""
+    return json.loads((checkpoint_dir / TRAINER_STATE_DIR / "trainer_state.json").read_text())
+
+
+def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> dict[str, Any]:
+    """Tensor state {optimizer, rng} of this rank, from a verified checkpoint. Plain tensors only:
+    anything else in the file (a pickled object) is refused, never run."""
+    saved_world = read_trainer_meta(checkpoint_dir).get("world_size", 1)
     if saved_world != d.world:
         raise ResumeError(f"{checkpoint_dir} was written by {saved_world} training process(es) and this run has {d.world}; "
                           f"resume with {saved_world} GPU(s) in training.gpus, or start a new run_name")
-    state = torch.load(checkpoint_dir / TRAINER_STATE_DIR / state_file_name(d), map_location="cpu", weights_only=True)
-    return state, meta
+    path = checkpoint_dir / TRAINER_STATE_DIR / state_file_name(d)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own text advises weights_only=False; only its line naming the offending object is kept.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln and "documentation" not in ln]
+        reason = lines[0].rstrip(".") if lines else "it holds more than tensors"
+        raise CheckpointInvalid(f"{path}: refused: not a plain tensor file ({reason}); "
+                                "a file that runs code when loaded is never loaded here") from None
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

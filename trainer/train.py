@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,18 +16,20 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.config import EMBEDDED_MODEL, Config, ConfigError
+from shared.config import EMBEDDED_MODEL, Config, ConfigError, resume_config_changes
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt
 from shared.protocol import (
     CheckpointInvalid,
     RunLayout,
+    TrainerLock,
     atomic_write_bytes,
     list_ready_checkpoints,
+    move_aside_corrupt,
     remove_incomplete_checkpoints,
     verify_checkpoint,
 )
 from shared.tracking import Tracker
-from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, restore_rng
+from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, read_trainer_meta, restore_rng
 from trainer.distributed import (
     all_reduce_sum,
     full_tensor,
@@ -98,22 +103,53 @@ def model_files_dir(model_path: str, model, tokenizer, layout: RunLayout) -> Pat
 
 
 def newest_valid_checkpoint(layout: RunLayout) -> Path | None:
-    """Newest checkpoint whose manifest verifies; broken ones are reported and passed over."""
+    """Newest checkpoint whose manifest verifies. A broken one is moved aside (corrupt_step_N) with a message:
+    training will write that step again, and a READY folder in the way would stop it there."""
     for step, path in sorted(list_ready_checkpoints(layout.checkpoints_dir).items(), reverse=True):
         try:
             verify_checkpoint(path)
             return path
         except CheckpointInvalid as exc:
-            print(f"warning: not resuming from {path}: {exc}")
+            print(f"warning: not resuming from {path}: {exc}; moved it aside to {move_aside_corrupt(path)}")
     return None
 
 
+def check_resume(cfg: Config, layout: RunLayout, checkpoint: Path, log) -> int:
+    """The step to resume at, after comparing the config with the one the checkpoint was trained with
+    (ConfigError for changes that alter the past; allowed ones, and what they do to the schedule, printed)."""
+    meta = read_trainer_meta(checkpoint)
+    saved = meta.get("config")
+    if saved is None:  # checkpoints from before the config was saved in them: the run's last config
+        saved = yaml.safe_load(layout.config_path.read_text()) if layout.config_path.is_file() else cfg.to_dict()
+    step = int(meta["step"])
+    for change in resume_config_changes(saved, cfg.to_dict(), f"{layout.run_dir} at step {step}"):
+        log(f"resume: {change}")
+    old_max_steps = saved["training"]["max_steps"]
+    if old_max_steps != cfg.training.max_steps and step < cfg.training.max_steps:
+        old_tc = dataclasses.replace(cfg.training, max_steps=old_max_steps)
+        log(f"resume: the cosine schedule now ends at step {cfg.training.max_steps}, not {old_max_steps}: learning rate at "
+            f"step {step} is {lr_at(step, cfg.training):.3e} (it was {lr_at(step, old_tc):.3e} on the old schedule)")
+    return step
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    tc = cfg.training
+    """Train the run of `cfg`, resuming from its newest valid checkpoint. Only one trainer holds a run."""
+    d = init_distributed()
     layout = RunLayout(cfg.run_dir)
+    new_run = not layout.run_dir.exists()
+    try:
+        with TrainerLock(layout) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, d, layout)
+    except BaseException:
+        if new_run and d.is_main and not list_ready_checkpoints(layout.checkpoints_dir):
+            shutil.rmtree(layout.run_dir, ignore_errors=True)  # a start that failed leaves no half-made run behind
+        raise
+
+
+def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
+    tc = cfg.training
 
     # ---------------------------------------------------------------- setup (nothing written yet)
-    d = init_distributed()
     if tc.batch_size % (tc.micro_batch_size * d.world):
         raise ConfigError(f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
                          f"({tc.micro_batch_size}) x {d.world} processes")
@@ -129,16 +165,24 @@ def train(cfg: Config) -> dict[str, Any]:
     train_set = load_dataset(tc.data)
     order = DataOrder(len(train_set), tc.seed)
 
-    # ---------------------------------------------------------------- run directory, model
+    # ---------------------------------------------------------------- run directory, resume point, model
     if d.is_main:
         layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for leftover in remove_incomplete_checkpoints(layout.checkpoints_dir):
             print(f"removed incomplete checkpoint {leftover}")
-        atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        if not list_ready_checkpoints(layout.checkpoints_dir):
-            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, here
     # Rank 0 verifies (hashes every file once); the other ranks take its choice.
     resume_from = from_main(newest_valid_checkpoint(layout) if d.is_main else None, d)
+    start_step = check_resume(cfg, layout, resume_from, log) if resume_from else 0
+    if start_step >= tc.max_steps:
+        log(f"{layout.run_dir}: already trained to step {start_step} (training.max_steps={tc.max_steps}); nothing to do. "
+            f"Raise training.max_steps to train further.")
+        shutdown(d)
+        return {"step": start_step, "last_checkpoint": start_step}
+    tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
+    if d.is_main:
+        atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        if not resume_from:
+            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, here
     model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -150,20 +194,18 @@ def train(cfg: Config) -> dict[str, Any]:
         shard_model(model, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda" and not d.enabled)
-    start_step = 0
     if resume_from:
-        state, meta = load_trainer_state(resume_from, d)
+        state = load_trainer_state(resume_from, d)
         if d.enabled:
             load_local_optimizer_state(optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
-        start_step = meta["step"]
         log(f"resumed from {resume_from} (step {start_step})")
     # Only rank 0 writes model files into checkpoints.
     files_dir = model_files_dir(model_path, model, tokenizer, layout) if d.is_main else None
-    checkpointer = AsyncCheckpointer(layout, cfg.hash(), files_dir, tc.keep_last, d)
-    tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
+    checkpointer = AsyncCheckpointer(layout, cfg.hash(), files_dir, tc.keep_last, d,
+                                    eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill})
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device} x {d.world}; {len(train_set)} training examples")
 
@@ -220,7 +262,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash()})
+                saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash(), "config": cfg.to_dict()})
                 metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
             if log_now or metrics:
                 # Global figures (sums over ranks); this waits for the device: only on logging steps.
