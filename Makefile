@@ -37,7 +37,7 @@ eval: setup
 	$(PY) -m evaluator $(config_flag) $(if $(CKPT),--ckpt $(CKPT)) $(if $(RUN),--run $(RUN) $(if $(WATCH),,--once)) $(ARGS)
 
 demo: setup
-	$(PY) -m shared.demo $(config_flag) $(ARGS)
+	$(PY) -m demo $(config_flag) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

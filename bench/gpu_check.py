@@ -24,7 +24,7 @@ def main() -> int:
     gpus = physical_gpu_count()
     checks.append(("two GPUs", gpus >= 2, f"{gpus} found"))
     if gpus >= 2:
-        from shared.demo import run_demo
+        from demo.__main__ import run_demo
 
         layout, results = run_demo(args.config, [])
         loads = [r["load"] for r in results]

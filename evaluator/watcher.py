@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import queue
+import warnings
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -18,6 +19,13 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from shared.protocol import READY, TMP_PREFIX
+
+# The trainer makes `.tmp_step_N` and `.tmp_step_N/trainer_state` microseconds apart; watchdog can then add the
+# watch of the inner folder twice (its walk of the new folder and the inner folder's own event), gets the same
+# watch back from the kernel and warns. Harmless, but the warning names a temporary folder in our log, and
+# under `-W error` it would kill the observer's thread. Process-wide: the observer thread must see it too.
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning,
+                        module=r"watchdog\.")
 
 _WATCH_LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
 

@@ -97,3 +97,26 @@ def test_config_and_protocol_import_without_torch_or_vllm():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shared_imports_neither_service():
+    """shared/ is the common package: it may import neither the trainer nor the evaluator (nor torch or vllm)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "shared").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("trainer", "evaluator", "demo", "torch", "vllm")]
+    assert offenders == []
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override 'training.lerning_rate=1e-5': unknown key 'training.lerning_rate'; did you mean"):
+        load_config(None, ["training.lerning_rate=1e-5"])
+    with pytest.raises(ConfigError, match=r"^override 'training.max_steps=0': training.max_steps: must be > 0"):
+        load_config(None, ["training.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"c.yaml: training.max_steps: must be > 0"):  # an error in the file names the file
+        bad = tmp_path / "c.yaml"
+        bad.write_text("training: {max_steps: 0}\n")
+        load_config(bad, ["training.learning_rate=1e-5"])

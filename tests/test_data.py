@@ -59,7 +59,9 @@ def test_real_gsm8k_file_reads():
     [
         ('{"prompt": "x"}', r":2: missing field 'response'"),
         ('{"prompt": "x", "response": 5}', r":2: field 'response' must be a non-empty string"),
-        ("{not json", r":2: not valid JSON"),
+        ("{not json", r":2: not valid JSON \(Expecting property name enclosed in double quotes at column 2\)"),
+        ('{"prompt": oops}', r":2: not valid JSON \(Expecting value at column 12\)"),
+        ("{", r":2: not valid JSON \(Expecting property name enclosed in double quotes at the end of the line\)"),
         ("[1, 2]", r":2: expected a JSON object, got list"),
         ('{"prompt": "x", "response": "no tags"}', r":2: field 'response' has no <answer>"),
     ],

@@ -125,16 +125,26 @@ def test_checkpoint_deleted_before_evaluation_is_recorded(trained_run, tmp_path,
 
 
 def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evaluator):
-    proc = evaluator({"evaluation": {"num_samples": 40, "max_tokens": 64, "hf_batch_size": 1}})
+    slow = {"evaluation": {"num_samples": 40, "max_tokens": 64, "hf_batch_size": 1}}
+    proc = evaluator(slow)
     wait_for(lambda: status_of(run_copy, 6) == Status.RUNNING, 60, "evaluation running")
-    assert list(RunLayout(run_copy).leases_dir.glob("step_00000006.*.json"))  # lease held while evaluating
+    leases = RunLayout(run_copy).leases_dir
+    wait_for(lambda: [json.loads(p.read_text())["steps"] for p in leases.glob("*.json")] == [[6]], 30, "lease held while evaluating")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
     eval_dir = RunLayout(run_copy).eval_dir("default")
     assert not list(eval_dir.glob("step_00000006*"))  # no partial result
     assert not [p for p in eval_dir.iterdir() if p.name.startswith(".tmp")]
-    assert not list(RunLayout(run_copy).leases_dir.glob("*.json"))
-    assert 6 not in ledger_of(run_copy)  # given back: a later evaluator evaluates it
+    assert not list(leases.glob("*.json"))
+    entry = ledger_of(run_copy)[6]
+    assert entry["status"] == Status.PENDING and entry["given_back"] and entry["attempts"] == 0
+    # A newer checkpoint arrives meanwhile: the given-back step is still evaluated (first), never skipped.
+    publish_copy(RunLayout(run_copy).checkpoint_dir(6), run_copy, 8)
+    evaluator(name="eval2")
+    wait_for(lambda: status_of(run_copy, 6) == status_of(run_copy, 8) == Status.DONE, 120, "6 and 8 evaluated")
+    log = log_text(tmp_path, "eval2")
+    assert log.index("step        6: accuracy") < log.index("step        8: accuracy")
+    assert "step 2: skipped (passed over for newer step 6)" in log_text(tmp_path)  # said when it happened
 
 
 def test_sigkill_mid_evaluation_then_restart_evaluates_it_exactly_once(run_copy, tmp_path, evaluator):
@@ -216,3 +226,113 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_evaluator_goes_on(traine
     publish_copy(RunLayout(trained_run).checkpoint_dir(4), run, 4)
     wait_for(lambda: status_of(run, 4) == Status.DONE, 60, "step 4")
     assert proc.poll() is None
+
+
+def test_results_are_tied_to_the_weights_not_the_step(trained_run, run_copy, tmp_path, make_config):
+    """--ckpt A --out r, then --ckpt B --out r with B another run's checkpoint of the same step: once this printed
+    A's accuracy for B. Now the same weights give the stored result, other weights are refused (or --force)."""
+    cfg = make_config()
+    out_dir = tmp_path / "results"
+    a = RunLayout(trained_run).checkpoint_dir(4)
+    other_run = tmp_path / "other" / "tiny"
+    publish_copy(RunLayout(trained_run).checkpoint_dir(6), other_run, 4)  # other weights, published as step 4
+    b = RunLayout(other_run).checkpoint_dir(4)
+    first = run_service("evaluator", "--config", cfg, "--ckpt", a, "--out", out_dir).stdout
+    weights_a = json.loads((out_dir / "step_00000004.json").read_text())["weights_id"]
+    again = run_service("evaluator", "--config", cfg, "--ckpt", a, "--out", out_dir).stdout
+    assert "already evaluated" in again and weights_a in again and "accuracy" in first
+    refused = run_service("evaluator", "--config", cfg, "--ckpt", b, "--out", out_dir, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"already holds results for step 4 of other weights ({weights_a}" in refused.stderr
+    assert json.loads((out_dir / "step_00000004.json").read_text())["weights_id"] == weights_a  # nothing lost
+    run_service("evaluator", "--config", cfg, "--ckpt", b, "--out", out_dir, "--force")
+    replaced = json.loads((out_dir / "step_00000004.json").read_text())
+    assert replaced["weights_id"] != weights_a and replaced["checkpoint"] == str(b)
+    # Two plain folders (no READY: both "step 0") collide the same way.
+    plain_out = tmp_path / "plain_results"
+    for i, src in enumerate((a, b)):
+        shutil.copytree(src, tmp_path / f"plain{i}", ignore=shutil.ignore_patterns(READY, "trainer_state"))
+    run_service("evaluator", "--config", cfg, "--ckpt", tmp_path / "plain0", "--out", plain_out)
+    clash = run_service("evaluator", "--config", cfg, "--ckpt", tmp_path / "plain1", "--out", plain_out, check=False)
+    assert clash.returncode == 2 and "already holds results for step 0 of other weights" in clash.stderr
+
+
+def test_a_replaced_step_is_evaluated_again_by_the_watcher(trained_run, tmp_path, make_config):
+    run = tmp_path / "runs" / "tiny"
+    cfg = make_config()
+    publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
+    run_service("evaluator", "--config", cfg, "--run", run, "--once")
+    first = results(run)[2]["weights_id"]
+    shutil.rmtree(RunLayout(run).checkpoint_dir(2))  # as after a corrupt step was moved aside and trained again
+    publish_copy(RunLayout(trained_run).checkpoint_dir(4), run, 2)
+    out = run_service("evaluator", "--config", cfg, "--run", run, "--once").stdout
+    assert "its folder holds new weights since it was last seen" in out
+    assert results(run)[2]["weights_id"] != first and ledger_of(run)[2]["weights_id"] == results(run)[2]["weights_id"]
+
+
+def test_run_that_is_not_a_run_is_an_error_and_nothing_is_created(tmp_path, make_config):
+    nope = tmp_path / "runs" / "nope"
+    proc = run_service("evaluator", "--config", make_config(), "--run", nope, "--once", check=False)
+    assert proc.returncode == 2 and "not a run folder (no config.yaml and no checkpoints/)" in proc.stderr
+    assert not nope.exists()
+
+
+def test_nothing_to_do_prints_one_summary_line(run_copy, make_config):
+    cfg = make_config()
+    run_service("evaluator", "--config", cfg, "--run", run_copy, "--once")
+    out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once").stdout
+    assert f"evaluator: {run_copy}: 3 checkpoint(s) on disk; ledger: 3 done; evaluated 0 now, 0 failed" in out
+
+
+def test_results_written_but_not_logged_are_logged_once_after_a_crash(run_copy, make_config):
+    """A crash between writing results and logging them: the next evaluator logs them, once."""
+    cfg = make_config()
+    run_service("evaluator", "--config", cfg, "--run", run_copy, "--once")
+    eval_dir = RunLayout(run_copy).eval_dir("default")
+    log = eval_dir / "eval_log.jsonl"
+    log.unlink()
+    from shared.protocol import Ledger
+
+    Ledger(eval_dir).update(lambda e: e[4].update(logged=False, log_owner={"id": "crashed-evaluator"}))
+    out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once").stdout
+    assert "step 4: logging results that an earlier evaluator wrote but did not log" in out
+    assert [json.loads(line)["train_step"] for line in log.read_text().splitlines()] == [4]
+    assert ledger_of(run_copy)[4]["logged"] is True and "log_owner" not in ledger_of(run_copy)[4]
+    run_service("evaluator", "--config", cfg, "--run", run_copy, "--once")
+    assert len(log.read_text().splitlines()) == 1  # never again
+
+
+def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, make_config, monkeypatch):
+    """In-process, with the real hf backend: the order of writes of one recording."""
+    import shared.protocol as protocol
+    from evaluator.backends import make_backend
+    from evaluator.service import Evaluator, serve_run
+    from shared.config import load_config
+
+    cfg = load_config(make_config(), [])
+    layout = RunLayout(run_copy)
+    eval_dir = layout.eval_dir("default")
+    seen = []
+    real = protocol.atomic_write_bytes
+
+    def spy(path, data):
+        path = type(eval_dir)(path)
+        if path.name == "ledger.json" and b'"done"' in data:
+            done = [int(k) for k, v in json.loads(data).items() if v["status"] == "done"]
+            seen.append(("ledger", done, {s: (eval_dir / f"step_{s:08d}.json").exists() for s in done}))
+        elif path.parent == eval_dir and path.name.startswith("step_"):
+            seen.append(("samples" if path.name.endswith(".samples.jsonl") else "metrics", path.name[:13], None))
+        real(path, data)
+
+    monkeypatch.setattr(protocol, "atomic_write_bytes", spy)
+    import evaluator.service as service
+    monkeypatch.setattr(service, "atomic_write_bytes", spy)
+    evaluator = Evaluator(cfg, make_backend(cfg.evaluation, False), None)
+    try:
+        serve_run(cfg, layout, evaluator, once=True, force=False)
+    finally:
+        evaluator.close()
+    writes = [(kind, name) for kind, name, _ in seen if kind != "ledger"]
+    assert writes == [("samples", "step_00000002"), ("metrics", "step_00000002"), ("samples", "step_00000004"),
+                      ("metrics", "step_00000004"), ("samples", "step_00000006"), ("metrics", "step_00000006")]
+    assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
