@@ -336,3 +336,34 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
     assert writes == [("samples", "step_00000002"), ("metrics", "step_00000002"), ("samples", "step_00000004"),
                       ("metrics", "step_00000004"), ("samples", "step_00000006"), ("metrics", "step_00000006")]
     assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
+
+
+def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuilt(trained_run, make_config, capsys):
+    """A backend whose in-place reload silently keeps the old weights (a known vLLM failure): the fingerprint
+    check sees outputs unchanged for other weights and rebuilds, so step 6 is measured on step 6's weights."""
+    from evaluator.backends import HFBackend
+    from evaluator.service import Evaluator
+    from shared.config import load_config
+    from shared.protocol import read_manifest, weights_id
+
+    class KeepsOldWeights(HFBackend):
+        def load(self, ckpt_dir):
+            if self.signature is not None and self.model is not None:
+                return "in-place"  # claims success, changes nothing
+            return super().load(ckpt_dir)
+
+    cfg = load_config(make_config(), [])
+    layout = RunLayout(trained_run)
+    evaluator = Evaluator(cfg, KeepsOldWeights(cfg.evaluation, False), None)
+    honest = Evaluator(cfg, HFBackend(cfg.evaluation, False), None)
+    try:
+        for step in (2, 6):
+            ckpt = layout.checkpoint_dir(step)
+            result, samples = evaluator.evaluate(step, ckpt, weights_id(read_manifest(ckpt)))
+        expected, expected_samples = honest.evaluate(6, layout.checkpoint_dir(6), "x")
+    finally:
+        evaluator.close()
+        honest.close()
+    assert "outputs unchanged after an in-place reload of different weights; rebuilding the engine" in capsys.readouterr().out
+    assert result["load"] == "new-engine"
+    assert [s["response"] for s in samples] == [s["response"] for s in expected_samples]

@@ -246,3 +246,20 @@ def test_losses_match_a_plain_loop_with_clipping(trained_run):
         opt.zero_grad()
         assert logged[step + 1]["train/loss"] == pytest.approx(loss.item(), abs=2e-5), step
         assert logged[step + 1]["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4), step
+
+
+def test_a_failed_wandb_start_leaves_no_half_made_run(tmp_path, make_config):
+    """W&B refuses to start (here: a malformed API key, refused before any network use): one line, and the new
+    run folder is removed again; the evaluator's new results folder likewise."""
+    cfg = make_config({"wandb": {"mode": "online"}})
+    bad_key = {"WANDB_API_KEY": "short"}
+    proc = run_service("trainer", "--config", cfg, env_extra=bad_key, check=False)
+    assert proc.returncode == 2 and "W&B (online) could not start" in proc.stderr and "Traceback" not in proc.stderr
+    assert "short" not in proc.stderr  # no secret in the message
+    assert not (tmp_path / "runs" / "tiny").exists()
+    run_service("trainer", "--config", make_config(name="ok.yaml"))
+    out_dir = tmp_path / "fresh_results"
+    ckpt = RunLayout(tmp_path / "runs" / "tiny").checkpoint_dir(2)
+    proc = run_service("evaluator", "--config", cfg, "--ckpt", ckpt, "--out", out_dir, env_extra=bad_key, check=False)
+    assert proc.returncode == 2 and "W&B (online) could not start" in proc.stderr
+    assert not out_dir.exists()

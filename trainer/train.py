@@ -170,6 +170,8 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for leftover in remove_incomplete_checkpoints(layout.checkpoints_dir):
             print(f"removed incomplete checkpoint {leftover}")
+        if not list_ready_checkpoints(layout.checkpoints_dir):
+            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, before other ranks look
     # Rank 0 verifies (hashes every file once); the other ranks take its choice.
     resume_from = from_main(newest_valid_checkpoint(layout) if d.is_main else None, d)
     start_step = check_resume(cfg, layout, resume_from, log) if resume_from else 0
@@ -181,8 +183,6 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
     if d.is_main:
         atomic_write_bytes(layout.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        if not resume_from:
-            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, here
     model_path = str(resume_from) if resume_from else resolve_model_path(cfg, layout, template, train_set)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
