@@ -14,7 +14,7 @@ import queue
 import warnings
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
@@ -28,6 +28,7 @@ warnings.filterwarnings("ignore", message=r"Callback with id .* already exists f
                         module=r"watchdog\.")
 
 _WATCH_LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
+_READS = {EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE}
 
 
 class _WakeHandler(FileSystemEventHandler):
@@ -35,6 +36,8 @@ class _WakeHandler(FileSystemEventHandler):
         self.wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in _READS:
+            return  # our own loop reads READY manifests: waking on reads would spin it forever
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
         names = [Path(p if isinstance(p, str) else p.decode()).name for p in paths if p]
         # READY appearing (created or moved into place) or a step folder renamed into place.

@@ -367,3 +367,21 @@ def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuil
     assert "outputs unchanged after an in-place reload of different weights; rebuilding the engine" in capsys.readouterr().out
     assert result["load"] == "new-engine"
     assert [s["response"] for s in samples] == [s["response"] for s in expected_samples]
+
+
+def test_an_idle_watcher_does_not_spin(run_copy, tmp_path, evaluator):
+    """Reading READY manifests makes inotify report opens and closes of READY; waking on those made the
+    watcher re-read them forever, one core at 100% (and the trainer beside it 9x slower)."""
+    import os
+
+    proc = evaluator({"evaluation": {"rescan_s": 600}})
+    wait_for(lambda: all(status_of(run_copy, s) in (Status.DONE, Status.SKIPPED) for s in (2, 4, 6)), 60, "steps settled")
+    time.sleep(1.0)
+
+    def cpu_s():
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_s()
+    time.sleep(3.0)
+    assert cpu_s() - before < 0.3  # idle: waiting for events, not busy

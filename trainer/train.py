@@ -217,7 +217,9 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     flops_per_token = 6 * num_params
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not d.is_main)
+    # disable=None: a bar on a terminal only (piped, as in `make demo`, it would garble the other service's lines)
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=None if d.is_main else True)
     local_batch = tc.batch_size // d.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
