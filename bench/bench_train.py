@@ -3,9 +3,12 @@
     python -m bench.bench_train                 # throughput + stall (checkpoints at steps 40 and 80)
     python -m bench.bench_train --tag alone     # step time only (used by the interference benchmark)
     python -m bench.bench_train --gpus 3        # tokens/s per GPU with FSDP2 on 3 GPUs (compare with --gpus 1)
+    python -m bench.bench_train --lengths ../shared/data/math500/sft_lengths.json   # real SFT lengths
+    ... --set training.micro_batch_tokens=null --set training.compile=true          # any trainer setting
 
 Batch 8 x 1024 tokens, bf16, fused AdamW: the plain transformers loop of ../shared/gpu/baseline_qwen1p5b.py
-("train" mode) is the baseline; run it in the same call on the same card.
+("train" mode) is the baseline; run it in the same call on the same card. With --lengths: 8 examples a step
+whose prompt and response token counts are those of the file, in the baseline's order ("trainvar" mode).
 """
 
 from __future__ import annotations
@@ -19,34 +22,104 @@ from pathlib import Path
 
 from bench.common import digits_sft_jsonl, make_qwen15_dir, report, run, write_config
 
+REAL_STEPS = 25
+"""Optimizer steps with real lengths: 5 of warm-up, then 20 timed (the baseline times 20 after 3)."""
+
+
+def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: int) -> tuple[Path, list[int]]:
+    """Records with the prompt/response token counts of `lengths_file`, placed so that the trainer's seeded
+    data order visits them in the baseline script's order (its shuffle of the pairs with random.Random(0))."""
+    import random
+
+    import yaml  # noqa: F401 - the trainer's config reader; imported here to fail early if missing
+    from trainer.train import DataOrder
+
+    lengths = json.loads(lengths_file.read_text())
+    pairs = [(p, min(r, max_len - p)) for p, r in zip(lengths["prompt_tokens"], lengths["response_tokens"]) if p < max_len]
+    random.Random(0).shuffle(pairs)
+    order = DataOrder(len(pairs), seed)
+    slots = [None] * len(pairs)
+    for position, pair in enumerate(pairs):
+        slots[order[position]] = pair
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for p, r in slots:
+            f.write(json.dumps({"prompt": "".join(rng.choice("0123456789") for _ in range(p)),
+                                "response": "".join(rng.choice("0123456789") for _ in range(r)), "ground_truth": "1"}) + "\n")
+    return path, [p + r for p, r in pairs]
+
+
+def parse_sets(items: list[str]) -> dict:
+    """["training.compile=true"] -> {"training": {"compile": True}} (YAML-typed values)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench_train")
     parser.add_argument("--tag", default=None, help="only measure the step time, under this label")
     parser.add_argument("--gpus", type=int, default=1, help="train on this many GPUs (FSDP2 under torchrun), 8 x 1024 tokens per GPU")
+    parser.add_argument("--lengths", default=None, help="sft_lengths.json: real prompt/response lengths instead of 8 x 1024")
+    parser.add_argument("--set", action="append", default=[], help="trainer setting, e.g. training.compile=true")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = make_qwen15_dir(work / "q15")
-    data = digits_sft_jsonl(work / "data.jsonl", 512, 200, 825)  # 1025 tokens -> 1024 inputs per example
-    stall = args.tag is None and args.gpus == 1
+    stall = args.tag is None and args.gpus == 1 and not args.lengths
+    if args.lengths:
+        data, lengths = real_lengths_sft_jsonl(work / "real.jsonl", Path(args.lengths), 1024, seed=0)
+    else:
+        data = digits_sft_jsonl(work / "data.jsonl", 512, 200, 825)  # 1025 tokens -> 1024 inputs per example
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    cfg = write_config(work / "cfg.yaml", {
+    settings = {
         "run_name": "bench", "runs_dir": str(runs),
         "model": {"path": str(model_dir)},
-        "training": {"gpus": list(range(args.gpus)), "data": {"path": str(data), "format": "sft"}, "max_steps": 80 if stall else 25,
-                     "batch_size": 8 * args.gpus,
-                     "micro_batch_size": 8, "max_seq_len": 1025, "learning_rate": 1e-5, "warmup_steps": 0,
+        "training": {"gpus": list(range(args.gpus)), "data": {"path": str(data), "format": "sft"},
+                     "max_steps": 80 if stall else REAL_STEPS if args.lengths else 25,
+                     "batch_size": 8 * args.gpus, "micro_batch_size": 8, "max_seq_len": 1024 if args.lengths else 1025,
+                     "micro_batch_tokens": None if args.gpus > 1 else 8192,
+                     "learning_rate": 1e-5, "warmup_steps": 0,
                      "eval_every": 40 if stall else 1000, "keep_last": 1, "log_every": 5},
         "wandb": {"mode": "disabled"},
-    })
+    }
+    cfg = write_config(work / "cfg.yaml", deep_merge(settings, parse_sets(args.set)))
+    label = " ".join(f"--set {s}" for s in args.set)
     env = {"TQDM_DISABLE": "1"}
     if args.gpus > 1:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(args.gpus)))
     run([sys.executable, "-m", "trainer", "--config", str(cfg)], work / f"train_{args.tag or 'stall'}.log", env=env)
     rows = {r["train_step"]: r for r in map(json.loads, (runs / "bench" / "train_log.jsonl").read_text().splitlines())}
+    if args.lengths:
+        timed = [rows[s] for s in range(10, REAL_STEPS + 1, 5)]  # steps 6-25
+        seconds = sum(r["train/step_s"] * 5 for r in timed)
+        steps = [lengths[i * 8 : (i + 1) * 8] for i in range(5, REAL_STEPS)]
+        useful = sum(map(sum, steps))
+        packed = bool(deep_merge(settings, parse_sets(args.set))["training"]["micro_batch_tokens"])
+        computed = useful if packed else sum(8 * max(step) for step in steps)  # padded: every row as long as the longest
+        report("train_real_lengths", useful_tokens_per_s=round(useful / seconds), step_s=round(seconds / 20, 4),
+               mfu_useful=round(statistics.mean(r.get("train/mfu", 0) for r in timed), 3),
+               pad_fraction=round(1 - useful / computed, 3),
+               peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+               settings=label or "defaults", command=f"python -m bench.bench_train --lengths {args.lengths} {label}".strip())
+        return
     steady = [rows[s] for s in (10, 15)]  # after warm-up, no checkpoint in the interval
     step_s = statistics.mean(r["train/step_s"] for r in steady)
     if args.gpus > 1:
@@ -55,9 +128,12 @@ def main() -> None:
                command=f"python -m bench.bench_train --gpus {args.gpus}")
         return
     if not stall:
-        report("train_step_time", tag=args.tag, step_s=round(step_s, 4))
+        report("train_step_time", tag=args.tag, settings=label or "defaults", step_s=round(step_s, 4),
+               tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
+               mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
+               peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1))
         return
-    report("train_throughput", tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
+    report("train_throughput", settings=label or "defaults", tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
            mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3), step_s=round(step_s, 4),
            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
            batch="8x1024", command="python -m bench.bench_train")

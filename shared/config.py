@@ -89,7 +89,16 @@ class TrainingConfig:
     batch_size: int = 32
     """Examples per optimizer step (global batch)."""
     micro_batch_size: int = 32
-    """Examples per forward/backward pass; batch_size / micro_batch_size = gradient accumulation steps."""
+    """Examples per forward/backward pass when not packing; batch_size / micro_batch_size = gradient accumulation steps."""
+    micro_batch_tokens: int | None = None
+    """Padding-free packing: each forward pass takes whole examples, in data order, concatenated up to this many
+    tokens (>= max_seq_len); attention never crosses examples. null = padded micro-batches of micro_batch_size.
+    The global batch stays batch_size examples, with the same order and loss."""
+    master_weights: bool = True
+    """With bfloat16 on one process: AdamW updates fp32 master copies of the weights, and the model computes with
+    them rounded to bf16 (without, most updates at lr 2e-5 round away). +6 bytes per parameter (1.5B: +14 GB)."""
+    compile: bool = False
+    """torch.compile each decoder layer (dynamic shapes). Off by default: see BENCHMARKS.md for where it helps."""
     max_seq_len: int = 1024
     """Prompt + response tokens kept per example; longer examples are truncated from the right."""
     learning_rate: float = 2e-5
@@ -133,7 +142,10 @@ class TrainingConfig:
             raise ConfigError(f"{key}.adam_betas: must be two numbers in [0, 1), got {self.adam_betas}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"{key}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
-        _positive_or_null(key, self, "keep_last", "num_threads")
+        _positive_or_null(key, self, "keep_last", "num_threads", "micro_batch_tokens")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
+            raise ConfigError(f"{key}.micro_batch_tokens ({self.micro_batch_tokens}) must be >= {key}.max_seq_len "
+                              f"({self.max_seq_len}): an example is never split")
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
 
@@ -398,10 +410,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 RESUME_MAY_CHANGE = frozenset({
     "training.max_steps", "training.eval_every", "training.keep_last", "training.log_every", "training.num_threads",
-    "training.gpus", "training.micro_batch_size", "model.trust_remote_code",
+    "training.gpus", "training.micro_batch_size", "model.trust_remote_code", "training.micro_batch_tokens",
+    "training.master_weights", "training.compile",
 })
 """Keys that only extend or re-organise a run (how far, how often to save and log, how the same global batch
-is split): they may change on resume, and each change is printed. Every other `model.`, `training.` or
+is split into passes, how it is computed): they may change on resume, and each change is printed. Every other `model.`, `training.` or
 `prompt_template` key changes what the past steps meant (data, order, schedule, model) and may not."""
 
 _RESUME_IGNORED_PREFIXES = ("evaluation.", "wandb.", "run_name", "runs_dir")

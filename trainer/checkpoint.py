@@ -124,16 +124,18 @@ class _Snapshot:
 
 class AsyncCheckpointer:
     def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path | None, keep_last: int | None, d: Dist = Dist(),
-                 eval_backfill: dict[str, bool] | None = None):
+                 eval_backfill: dict[str, bool] | None = None, master_weights: list[torch.Tensor] | None = None):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
-        `eval_backfill`: {evaluation name: backfill} of the run's config, for retention."""
+        `eval_backfill`: {evaluation name: backfill} of the run's config, for retention. `master_weights`: the
+        fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state for an exact resume."""
         self.d = d
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
         self.eval_backfill = eval_backfill or {}
+        self.master_weights = master_weights
         self._announced_kept: set[int] = set()
         self.static_files = {
             p.name: p.read_bytes()
@@ -187,7 +189,10 @@ class AsyncCheckpointer:
     def _state_tree(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """What this rank saves for resume: its optimizer state (its shard, when sharded) and RNG."""
         optimizer_state = local_optimizer_state(optimizer) if self.d.enabled else optimizer.state_dict()
-        return {"optimizer": optimizer_state, "rng": _rng_state()}
+        tree = {"optimizer": optimizer_state, "rng": _rng_state()}
+        if self.master_weights is not None:
+            tree["master_weights"] = [t.detach() for t in self.master_weights]
+        return tree
 
     def before_optimizer_step(self) -> None:
         self._model_snapshot.before_update()

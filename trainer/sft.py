@@ -38,12 +38,13 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return log_z - (probs * logits).sum(dim=-1)
 
 
-def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, return_token_entropy: bool = False) -> dict[str, torch.Tensor]:
+def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, return_token_entropy: bool = False,
+                           **model_kwargs) -> dict[str, torch.Tensor]:
     """Per-token log p(label | prefix) under `model`, shape (batch, seq); optionally the entropy too.
 
     No attention mask is needed: padding is on the right, so under causal attention no real token
-    ever attends to a pad token."""
-    logits = model(input_ids=input_ids).logits
+    ever attends to a pad token. `model_kwargs` go to the forward (e.g. position_ids of a packed row)."""
+    logits = model(input_ids=input_ids, **model_kwargs).logits
     # Flattened (tokens, vocab) rows: the fused kernel. The (batch, vocab, seq) layout is ~2x slower.
     log_probs = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
     out = {"log_probs": log_probs}

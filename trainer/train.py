@@ -40,6 +40,9 @@ from trainer.distributed import (
     shutdown,
 )
 from trainer.embedded import save_embedded_model
+from trainer.logprobs import response_log_probs, supports_chunked_head
+from trainer.master import MasterWeights
+from trainer.packing import group_by_budget, packed_forward_kwargs, packed_microbatch, tokenize_examples, use_packed_attention
 from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
 
 
@@ -132,6 +135,27 @@ def check_resume(cfg: Config, layout: RunLayout, checkpoint: Path, log) -> int:
     return step
 
 
+def make_micro_batches(prompts: list[str], responses: list[str], tokenizer, tc, d, device) -> tuple[list[dict], int]:
+    """This rank's examples of one step as forward passes, and the gradient accumulation divisor: packed rows of
+    whole examples up to micro_batch_tokens (divisor 1: the loss is normalised over the global batch's response
+    tokens), or padded micro-batches of micro_batch_size examples (the reference recipe)."""
+    if tc.micro_batch_tokens:
+        examples = tokenize_examples(prompts, responses, tokenizer, tc.max_seq_len)
+        groups = group_by_budget([len(ids) - 1 for ids, _ in examples], tc.micro_batch_tokens)
+        return [packed_microbatch([examples[i] for i in group]) for group in groups], 1
+    micro = [tokenize_prompt_and_output(prompts[i : i + tc.micro_batch_size], responses[i : i + tc.micro_batch_size],
+                                        tokenizer, max_len=tc.max_seq_len)
+             for i in range(0, len(prompts), tc.micro_batch_size)]
+    return micro, tc.batch_size // (tc.micro_batch_size * d.world)
+
+
+def num_real_tokens(mb: dict, pad_id: int) -> int:
+    """Tokens that are not padding in a micro-batch (inputs plus each row's last label)."""
+    if "cu_seq_lens" in mb:
+        return mb["labels"].numel() + len(mb["cu_seq_lens"]) - 1
+    return int((mb["labels"] != pad_id).sum()) + len(mb["labels"])
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train the run of `cfg`, resuming from its newest valid checkpoint. Only one trainer holds a run."""
     d = init_distributed()
@@ -153,7 +177,8 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     if tc.batch_size % (tc.micro_batch_size * d.world):
         raise ConfigError(f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
                          f"({tc.micro_batch_size}) x {d.world} processes")
-    grad_accum_steps = tc.batch_size // (tc.micro_batch_size * d.world)
+    if tc.micro_batch_tokens and d.enabled:  # ranks would run different numbers of passes, and FSDP needs them equal
+        raise ConfigError("training.micro_batch_tokens (packing) is for one process so far; set it to null with several GPUs")
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[tc.dtype]
     # Sharded training keeps fp32 master parameters and computes in `dtype`; one process trains in `dtype`.
@@ -190,24 +215,41 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     ).to(device)
     model.config.use_cache = False  # no KV cache while training
     model.train()
+    varlen = use_packed_attention(model, device) if tc.micro_batch_tokens else False
+    if tc.compile:
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
     if d.enabled:
         shard_model(model, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+    # One process in bf16: the optimizer updates fp32 masters (sharded training has fp32 parameters already).
+    master = MasterWeights(model) if tc.master_weights and not d.enabled and param_dtype != torch.float32 else None
+    trained = master.params if master else list(model.parameters())  # what the optimizer and clipping see
+    optimizer = torch.optim.AdamW(trained, lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda" and not d.enabled)
+    # The LM head applied in chunks, only at response tokens (one process: FSDP must run the whole model).
+    chunked_head = not d.enabled and supports_chunked_head(model)
     if resume_from:
         state = load_trainer_state(resume_from, d)
         if d.enabled:
             load_local_optimizer_state(optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
+        if master and "master_weights" in state:
+            master.load(state["master_weights"])
+        elif master:
+            log(f"resume: {resume_from} has no fp32 master weights; they start from its bf16 weights")
         restore_rng(state["rng"])
         log(f"resumed from {resume_from} (step {start_step})")
     # Only rank 0 writes model files into checkpoints.
     files_dir = model_files_dir(model_path, model, tokenizer, layout) if d.is_main else None
     checkpointer = AsyncCheckpointer(layout, cfg.hash(), files_dir, tc.keep_last, d,
-                                    eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill})
+                                    eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
+                                    master_weights=master.params if master else None)
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
-    log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}, {device} x {d.world}; {len(train_set)} training examples")
+    log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}{' (fp32 master weights)' if master else ''}, "
+        f"{device} x {d.world}; {len(train_set)} training examples; "
+        + (f"packed micro-batches of <= {tc.micro_batch_tokens} tokens ({'varlen flash' if varlen else 'sdpa'} attention)"
+           if tc.micro_batch_tokens else f"padded micro-batches of {tc.micro_batch_size} examples"))
 
     # SIGTERM behaves like Ctrl-C: stop after the current step, finish the pending save, exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -228,34 +270,33 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                 group["lr"] = lr_at(step, tc)
             # This rank's slice of the global batch: the same examples in the same order for any world size.
             first = step * tc.batch_size + d.rank * local_batch
-            positions = range(first, first + local_batch)
-            batch = [train_set[order[p]] for p in positions]
-            micro = [
-                tokenize_prompt_and_output(
-                    [render_prompt(template, ex) for ex in batch[i : i + tc.micro_batch_size]],
-                    [ex.response for ex in batch[i : i + tc.micro_batch_size]],
-                    tokenizer,
-                    max_len=tc.max_seq_len,
-                )
-                for i in range(0, local_batch, tc.micro_batch_size)
-            ]
-            # Per-token mean over the whole global batch: normalize by response tokens per example.
+            batch = [train_set[order[p]] for p in range(first, first + local_batch)]
+            prompts, responses = [render_prompt(template, ex) for ex in batch], [ex.response for ex in batch]
+            micro, grad_accum_steps = make_micro_batches(prompts, responses, tokenizer, tc, d, device)
+            # Per-token mean over the whole global batch: normalize by response tokens per example (or per rank).
             num_response_tokens = all_reduce_sum(sum(int(m["response_mask"].sum()) for m in micro), d, device)
-            normalize = max(1, num_response_tokens) / tc.batch_size
-            interval_tokens += sum(int((m["labels"] != pad_id).sum()) + len(m["labels"]) for m in micro)
+            normalize = max(1, num_response_tokens) / (d.world if tc.micro_batch_tokens else tc.batch_size)
+            interval_tokens += sum(num_real_tokens(m, pad_id) for m in micro)
             log_now = (step + 1) % tc.log_every == 0
             loss_sum, entropy_sum = 0.0, 0.0
             for mb in micro:
-                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-                out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=log_now)
+                forward = packed_forward_kwargs(mb, device, varlen) if tc.micro_batch_tokens else {}
+                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+                if chunked_head:
+                    out = response_log_probs(model, mb["input_ids"], mb["labels"], mb["response_mask"], with_entropy=log_now,
+                                             **forward)
+                else:
+                    out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=log_now, **forward)
                 loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], grad_accum_steps, normalize)
                 loss_sum += loss.detach()
                 if log_now:
                     entropy_sum += (out["token_entropy"] * mb["response_mask"]).sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.max_grad_norm)
             checkpointer.before_optimizer_step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if master:
+                master.sync()
             step += 1
             interval_steps += 1
             if step == start_step + 1:
