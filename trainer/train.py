@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import time
@@ -149,6 +150,30 @@ def make_micro_batches(prompts: list[str], responses: list[str], tokenizer, tc, 
     return micro, tc.batch_size // (tc.micro_batch_size * d.world)
 
 
+PROFILE_ENV = "MATH_SFT_PROFILE_DIR"
+"""Benchmarks: a folder to write a torch profile of steps 9-11 of rank 0 into (a table and a trace)."""
+
+
+def profile_if_asked(d):
+    out = os.environ.get(PROFILE_ENV)
+    if not out or not d.is_main:
+        return None
+
+    def write(prof) -> None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tables = [prof.key_averages().table(sort_by=key, row_limit=30) for key in ("self_cuda_time_total", "self_cpu_time_total")]
+        (Path(out) / "profile.txt").write_text("\n\n".join(tables))
+        prof.export_chrome_trace(str(Path(out) / "trace.json"))
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=8, warmup=1, active=3),
+                                      on_trace_ready=write)
+    profiler.start()
+    return profiler
+
+
 def num_real_tokens(mb: dict, pad_id: int) -> int:
     """Tokens that are not padding in a micro-batch (inputs plus each row's last label)."""
     if "cu_seq_lens" in mb:
@@ -216,7 +241,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     model.config.use_cache = False  # no KV cache while training
     model.train()
     varlen = use_packed_attention(model, device) if tc.micro_batch_tokens else False
-    if tc.compile:
+    if tc.compile or (tc.compile is None and device.type == "cuda"):
         for layer in model.model.layers:
             layer.compile(dynamic=True)
     if d.enabled:
@@ -265,6 +290,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     local_batch = tc.batch_size // d.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
+        profiler = profile_if_asked(d)
         while step < tc.max_steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
@@ -332,6 +358,8 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                                 tok_s=f"{tokens_per_s:.0f}", refresh=False)
                 interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
             bar.update(1)
+            if profiler is not None:
+                profiler.step()
     except KeyboardInterrupt:
         log(f"\ninterrupted at step {step}: finishing the pending checkpoint")
     finally:
