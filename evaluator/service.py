@@ -195,9 +195,10 @@ def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], 
 # ledger lock, and the result files are written under that same lock before the entry says `done`;
 # samples are written before metrics. W&B is logged by whoever holds the entry's `log_owner` (the
 # recorder, or after a crash the one evaluator that takes it over) and `logged` is set once W&B's
-# service has written the row to its file. A crash in that short window logs the row again on restart,
-# into the same (resumed) W&B run, with the same values and `eval/weights_id`: at least once, never
-# lost; a crash anywhere else logs nothing twice.
+# service has written the row to its file. After a crash between those two, the evaluator that takes the
+# duty over reads W&B's files: a row already there (same train_step and weights_id) is marked, not logged
+# again; one that is not is logged, into the same resumed W&B run. So each result is logged exactly once,
+# as far as W&B's files on this machine tell (where they cannot be read, at least once, never lost).
 
 
 def _record(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
@@ -237,10 +238,13 @@ def _log_once(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str,
     evaluator.log(result, samples)
     if evaluator.tracker is not None:
         evaluator.tracker.wait_durable()  # `logged` is set only once W&B's file holds the row
+    _mark_logged(ledger, step, result["weights_id"])
 
+
+def _mark_logged(ledger: Ledger, step: int, weights: str) -> None:
     def mark(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step)
-        if entry and entry["status"] == Status.DONE and entry.get("weights_id") == result["weights_id"]:
+        if entry and entry["status"] == Status.DONE and entry.get("weights_id") == weights:
             entries[step] = {**{k: v for k, v in entry.items() if k != "log_owner"}, "logged": True}
 
     ledger.update(mark)
@@ -259,11 +263,19 @@ def _relog_unlogged(layout: RunLayout, ledger: Ledger, evaluator: Evaluator) -> 
                 taken.append(step)
         return sorted(taken)
 
-    for step in ledger.update(take):
-        path = ledger.path.parent / f"{step_dirname(step)}.json"
+    taken = ledger.update(take)
+    in_wandb = evaluator.tracker.logged_rows() if taken and evaluator.tracker is not None else None
+    for step in taken:
+        result = json.loads((ledger.path.parent / f"{step_dirname(step)}.json").read_text())
+        if in_wandb is not None and any(row.get("train_step") == step and row.get("eval/weights_id") == result["weights_id"]
+                                        for row in in_wandb):
+            # It died after W&B wrote the row, before the ledger said so: mark it, do not log it twice.
+            print(f"step {step}: already in W&B's files; marked logged")
+            _mark_logged(ledger, step, result["weights_id"])
+            continue
         print(f"step {step}: logging results that an earlier evaluator wrote but did not log")
         with stop_deferred():
-            _log_once(ledger, evaluator, step, json.loads(path.read_text()), None)
+            _log_once(ledger, evaluator, step, result, None)
 
 
 def _alive_fn(layout: RunLayout | None, evaluator: Evaluator):

@@ -12,6 +12,7 @@ import json
 import netrc
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Tracker:
         created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
         out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = out_dir / f"{job_type}_log.jsonl"
+        self.wandb_dir = out_dir / "wandb"
         self.mode = resolve_mode(cfg.wandb.mode)
         self.run = None
         if self.mode != "disabled":
@@ -88,6 +90,16 @@ class Tracker:
         if self.run is not None:
             time.sleep(WANDB_FLUSH_INTERVAL_S * 2)
 
+    def logged_rows(self) -> list[dict[str, Any]] | None:
+        """The history rows W&B has written to its own files under this tracker's folder (every restart's run
+        directory), or None when they cannot be read (W&B off, or a file format this reader does not know)."""
+        if self.run is None:
+            return None
+        try:
+            return [row for path in sorted(self.wandb_dir.rglob("*.wandb")) for row in read_wandb_history(path)]
+        except Exception:  # noqa: BLE001 - an unknown format: the caller falls back to logging again
+            return None
+
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
@@ -104,3 +116,30 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def read_wandb_history(path: Path) -> list[dict[str, Any]]:
+    """History rows of one W&B transaction log (`run-<id>.wandb`): LevelDB-style 32 KiB blocks of records,
+    each a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf Record. A file
+    cut short by a kill yields the rows before the cut."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf, rows = path.read_bytes(), 7, b"", []  # 7: the file's own header
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (2, 3):
+            buf = chunk if kind == 2 else buf + chunk
+            continue
+        if kind not in (1, 4):
+            break
+        record = pb.Record()
+        record.ParseFromString(buf + chunk if kind == 4 else chunk)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows

@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -94,32 +93,10 @@ def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_ru
 
 
 def wandb_history_steps(root: Path) -> list[int]:
-    """train_step of every history row in the W&B offline files under `root` (W&B's LevelDB-style log)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    """train_step of every evaluation row in the W&B offline files under `root`."""
+    from shared.tracking import read_wandb_history
 
-    steps = []
-    for path in root.rglob("*.wandb"):
-        data, pos, buf = path.read_bytes(), 7, b""
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            if left < 7:
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            chunk = data[pos + 7 : pos + 7 + length]
-            pos += 7 + length
-            if kind == 2:
-                buf = chunk
-            elif kind == 3:
-                buf += chunk
-            elif kind in (1, 4):
-                record = pb.Record()
-                record.ParseFromString(buf + chunk if kind == 4 else chunk)
-                if record.WhichOneof("record_type") == "history":
-                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                    if "eval/accuracy" in items:
-                        steps.append(items["train_step"])
-    return steps
+    return [row["train_step"] for path in root.rglob("*.wandb") for row in read_wandb_history(path) if "eval/accuracy" in row]
 
 
 def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):

@@ -385,3 +385,26 @@ def test_an_idle_watcher_does_not_spin(run_copy, tmp_path, evaluator):
     before = cpu_s()
     time.sleep(3.0)
     assert cpu_s() - before < 0.3  # idle: waiting for events, not busy
+
+
+def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_config):
+    """W&B offline: the evaluator died after W&B's service wrote step 4's row, before the ledger said `logged`.
+    The next evaluator finds the row in W&B's own files and marks it, instead of logging it again."""
+    from conftest import REPO  # noqa: F401 - the services run from the repository
+    from shared.protocol import Ledger
+    from shared.tracking import read_wandb_history
+
+    cfg = make_config({"wandb": {"mode": "offline"}})
+    run_service("evaluator", "--config", cfg, "--run", run_copy, "--once", env_extra={"WANDB_SILENT": "true"})
+    eval_dir = RunLayout(run_copy).eval_dir("default")
+
+    def rows_of_step(step):
+        return [r for p in (eval_dir / "wandb").rglob("*.wandb") for r in read_wandb_history(p)
+                if r.get("train_step") == step and "eval/accuracy" in r]
+
+    assert len(rows_of_step(4)) == 1
+    Ledger(eval_dir).update(lambda e: e[4].update(logged=False, log_owner={"id": "crashed-evaluator"}))
+    out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once", env_extra={"WANDB_SILENT": "true"}).stdout
+    assert "step 4: already in W&B's files; marked logged" in out
+    assert len(rows_of_step(4)) == 1 and ledger_of(run_copy)[4]["logged"] is True
+    assert len(list((eval_dir / "wandb").glob("offline-run-*"))) == 2  # one W&B run, resumed: two local folders
