@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from fractions import Fraction
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
@@ -99,9 +100,80 @@ _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _SIMPLE_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{?(\d+)\}?\{?(\d+)\}?$|^([-+]?)(\d+)/(\d+)$")
 
 
+_UNICODE_FRACTIONS = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4), "\u2155": (1, 5),
+                      "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6), "\u215a": (5, 6), "\u215b": (1, 8),
+                      "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
+_UNICODE_SYMBOLS = {"\u2212": "-", "\u2013": "-", "\u00b0": "^\\circ", "\u03c0": "\\pi", "\u221e": "\\infty", "\u00d7": "\\times ",
+                    "\u22c5": "\\cdot ", "\u00b7": "\\cdot ", "\u00f7": "\\div ", "\u2264": "\\le ", "\u2265": "\\ge ",
+                    "\u2260": "\\ne ", "\u222a": "\\cup ", "\u2229": "\\cap "}
+_SUPERSCRIPTS = str.maketrans("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b", "0123456789-")
+_UNICODE_ROOT = re.compile("([\u221a\u221b])\\s*(\\d+(?:\\.\\d+)?|[a-zA-Z]|\\([^()]*\\)|\\{[^{}]*\\})")
+_UNICODE_POWER = re.compile("([\u2070\u00b9\u00b2\u00b3\u2074-\u2079\u207b]+)")
+_REPEATING = re.compile(r"^([-+]?)(\d*)\.(\d*)\\overline\{(\d+)\}$")
+_NUMBER_THEN_WORDS = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]+(?:\s+[A-Za-z]+){0,2})\.?$")
+_NOT_A_UNIT = {"and", "or", "to", "through", "minus", "plus", "over", "divided", "by", "times", "squared", "cubed", "i", "pi", "e",
+               "x", "y", "z", "n", "k", "sqrt", "dozen", "hundred", "thousand", "million", "billion", "half", "percent"}
+_VARIABLE = r"[a-zA-Z]"
+_BOUND = r"(-?\s*(?:\\infty|\d+(?:\.\d+)?|\\frac\{[^{}]+\}\{[^{}]+\}|\\sqrt\{[^{}]+\}|\\pi|[\d.]+/[\d.]+))"
+_LESS = r"(<|\\lt|\\le|\\leq|\\leqslant)"
+_MORE = r"(>|\\gt|\\ge|\\geq|\\geqslant)"
+_ONE_SIDED = re.compile(rf"^{_VARIABLE}\s*(?:{_LESS}|{_MORE})\s*{_BOUND}$")
+_TWO_SIDED = re.compile(rf"^{_BOUND}\s*{_LESS}\s*{_VARIABLE}\s*{_LESS}\s*{_BOUND}$")
+
+
+def _rewrite_unicode(s: str) -> str:
+    """Unicode math as LaTeX: \u00bd -> \\frac{1}{2}, \u221a2 -> \\sqrt{2}, x\u00b2 -> x^{2}, \u2264 -> \\le ..."""
+    for ch, (num, den) in _UNICODE_FRACTIONS.items():
+        s = re.sub(rf"(\d)\s*{ch}", rf"\1+\\frac{{{num}}}{{{den}}}", s)  # 1\u00bd is one and a half
+        s = s.replace(ch, f"\\frac{{{num}}}{{{den}}}")
+    s = _UNICODE_ROOT.sub(lambda m: ("\\sqrt{" if m.group(1) == "\u221a" else "\\sqrt[3]{") + m.group(2).strip("(){}") + "}", s)
+    s = _UNICODE_POWER.sub(lambda m: "^{" + m.group(1).translate(_SUPERSCRIPTS) + "}", s)
+    for ch, latex in _UNICODE_SYMBOLS.items():
+        s = s.replace(ch, latex)
+    return s
+
+
+def _repeating_decimal(s: str) -> str:
+    """0.1\\overline{6} -> \\frac{1}{6}: the exact value of a repeating decimal, as a fraction."""
+    m = _REPEATING.match(s.replace(" ", ""))
+    if not m:
+        return s
+    sign, whole, fixed, period = m.groups()
+    value = Fraction(int(whole or 0)) + Fraction(int(fixed or 0), 10 ** len(fixed)) + Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+    value = -value if sign == "-" else value
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}" if value.denominator != 1 else str(value.numerator)
+
+
+_CLOSED = ("\\le", "\\leq", "\\leqslant", "\\ge", "\\geq", "\\geqslant")
+
+
+def _inequality_as_interval(s: str) -> str:
+    """x > 3 -> (3,\\infty), x \\le -1 -> (-\\infty,-1], 2 < x \\le 5 -> (2,5]: one variable, one or two bounds."""
+    compact = s.strip()
+    m = _ONE_SIDED.match(compact)
+    if m:
+        less, more, bound = m.groups()
+        bound = bound.replace(" ", "")
+        if less:
+            return "(-\\infty," + bound + ("]" if less in _CLOSED else ")")
+        return ("[" if more in _CLOSED else "(") + bound + ",\\infty)"
+    m = _TWO_SIDED.match(compact)
+    if m:
+        low, first, second, high = m.groups()
+        return ("[" if first in _CLOSED else "(") + low.replace(" ", "") + "," + high.replace(" ", "") + ("]" if second in _CLOSED else ")")
+    return s
+
+
+def _strip_counted_noun(s: str) -> str:
+    """"6 cookies" -> 6: a number followed by one to three plain words that are not maths ("5 or 6" stays)."""
+    m = _NUMBER_THEN_WORDS.match(s)
+    if m and not any(word.lower() in _NOT_A_UNIT for word in m.group(2).split()):
+        return m.group(1)
+    return s
+
+
 def normalize(answer: str) -> str:
-    s = answer.strip()
-    s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00b0", "^\\circ").replace("\u03c0", "\\pi")
+    s = _rewrite_unicode(answer.strip())
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?=[\s(\[\]{}|.)\\])\s*\\?\.?", "", s) if "\\left" in s or "\\right" in s or "\\big" in s.lower() else s
     s = re.sub(r"\\,|\\ |~|\s", "", s) if _SPACED_THOUSANDS.match(s) else re.sub(r"(?<!\\)\\[,!;:> ]|\\q?quad", "", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
@@ -117,7 +189,7 @@ def normalize(answer: str) -> str:
     unit = _TRAILING_UNIT.match(s)
     if unit:
         s = unit.group(1)
-    s = s.strip().rstrip(".").strip()
+    s = _inequality_as_interval(_repeating_decimal(s.strip().rstrip(".").strip()))
     if _THOUSANDS.match(s) or _THOUSANDS_LATEX.match(s):
         s = s.replace("{,}", "").replace(",", "")
     choice = _CHOICE.match(s)
@@ -180,6 +252,11 @@ def answers_equivalent(pred: str, gold: str) -> bool:
     if p == g:
         return True
     pn, gn = _as_number(p), _as_number(g)
+    # "6 cookies" against 6: the words count the number. Only against a bare number ("5 heads" vs "5 tails" stays wrong).
+    if pn is None and gn is not None:
+        pn = _as_number(_strip_counted_noun(p).replace(",", ""))
+    elif gn is None and pn is not None:
+        gn = _as_number(_strip_counted_noun(g).replace(",", ""))
     if pn is not None and gn is not None:
         return _numbers_equal(pn, gn)
     if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS or _HUGE_POWER.search(p) or _HUGE_POWER.search(g):

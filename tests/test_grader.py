@@ -93,6 +93,21 @@ CASES = [
     ("18", "18", RIGHT), ("\\$18", "18", RIGHT), ("18.5", "18", WRONG), ("1,080", "1080", RIGHT), ("70000", "70,000", RIGHT),
     # trig and exact values
     ("\\frac{\\sqrt{3}}{2}", "\\sin(\\pi/3)", RIGHT), ("\\cos(0)", "1", RIGHT), ("\\tan(\\pi/4)", "1", RIGHT), ("\\frac{1}{2}", "\\cos(\\pi/3)", RIGHT),
+    # unicode math
+    ("\u00bd", "\\frac{1}{2}", RIGHT), ("\u00bd", "0.25", WRONG), ("1\u00bd", "\\frac{3}{2}", RIGHT), ("\u221a2", "\\sqrt{2}", RIGHT),
+    ("2\u221a3", "\\sqrt{12}", RIGHT), ("\u221a2", "\\sqrt{3}", WRONG), ("x\u00b2+1", "x^2+1", RIGHT), ("x\u00b2", "x^3", WRONG),
+    ("3\u03c0", "3\\pi", RIGHT), ("\u2153", "0.\\overline{3}", RIGHT), ("\u00be", "0.75", RIGHT), ("\u221e", "\\infty", RIGHT),
+    ("(-\u221e, 2]", "(-\\infty, 2]", RIGHT), ("2\u00d73", "6", RIGHT),
+    # a number counted by a word, against a bare number
+    ("6 cookies", "6", RIGHT), ("6 cookies", "7", WRONG), ("24 students", "24", RIGHT), ("1,200 marbles", "1200", RIGHT),
+    ("12 red apples", "12", RIGHT), ("5 or 6", "5", WRONG), ("5 heads", "5 tails", WRONG), ("3 x", "3", WRONG),
+    # repeating decimals
+    ("0.\\overline{3}", "\\frac{1}{3}", RIGHT), ("\\frac{1}{3}", "0.\\overline{3}", RIGHT), ("0.1\\overline{6}", "\\frac{1}{6}", RIGHT),
+    ("1.\\overline{27}", "\\frac{14}{11}", RIGHT), ("0.\\overline{3}", "0.33", WRONG), ("0.\\overline{6}", "\\frac{1}{3}", WRONG),
+    # inequalities against intervals
+    ("x > 3", "(3, \\infty)", RIGHT), ("x > 3", "[3, \\infty)", WRONG), ("(3,\\infty)", "x>3", RIGHT), ("x \\geq 2", "[2,\\infty)", RIGHT),
+    ("x \\le -1", "(-\\infty,-1]", RIGHT), ("x < -1", "(-\\infty,-1]", WRONG), ("2 < x < 5", "(2,5)", RIGHT),
+    ("-1 \\le x < 3", "[-1, 3)", RIGHT), ("2 < x \\le 5", "(2,5)", WRONG), ("x \u2265 3", "[3,\\infty)", RIGHT),
     # close but wrong
     ("49", "50", WRONG), ("0.49", "\\frac{1}{2}", WRONG), ("\\frac{2}{3}", "\\frac{3}{2}", WRONG), ("-5", "5", WRONG), ("x^3", "x^2", WRONG),
     ("\\sqrt{2}", "1.414", WRONG), ("100", "10^3", WRONG), ("2^{10}", "1000", WRONG),
