@@ -92,3 +92,77 @@ def test_make_train_with_two_gpus_launches_torchrun(tmp_path, make_config):
     assert "launching 2 processes" in proc.stdout
     manifest = verify_checkpoint(RunLayout(tmp_path / "runs" / "tiny").checkpoint_dir(2))
     assert "trainer_state/state_rank00001.pt" in manifest["files"]
+
+
+def _rank_pids(parent_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (their environment names the rank)."""
+    import os
+
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == parent_pid or any(e == f"TORCHELASTIC_AGENT_PID={parent_pid}".encode() for e in env):
+            ranks = [int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")]
+            if ranks:
+                found[ranks[0]] = int(entry)
+    return found
+
+
+@pytest.mark.parametrize("how", ["sigterm-to-rank-1", "ctrl-c-to-the-launcher"])
+def test_a_stop_on_any_rank_stops_all_at_the_same_step(tmp_path, make_config, how):
+    """Both ranks leave after the same step, the pending checkpoint completes, every rank exits 0, and the
+    run resumes from it; none waits in a collective (the old way: until a timeout, then exit 2)."""
+    import signal
+    import time
+
+    from conftest import wait_for
+    from shared.protocol import READY, list_ready_checkpoints
+
+    import os
+
+    cfg = make_config({"training": {"max_steps": 400, "eval_every": 4, "gpus": [0, 1]}})
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    log = open(tmp_path / "torchrun.log", "w")
+    env = {**service_env(), "MATH_SFT_FAULT_SLOW_SAVE_S": "0.2"}
+    if how == "sigterm-to-rank-1":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "--config", str(cfg)]
+    else:  # `make train` with training.gpus [0, 1]: the trainer launches torchrun (GPUs faked as in the test above)
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+        env.pop("CUDA_VISIBLE_DEVICES")
+        argv = [sys.executable, "-m", "trainer", "--config", str(cfg)]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (layout.checkpoint_dir(4) / READY).exists(), 180, "two checkpoints")
+        t0 = time.monotonic()
+        if how == "sigterm-to-rank-1":
+            ranks = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(_rank_pids(proc.pid)), 30, "the two ranks")
+            os.kill(ranks[1], signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to `make train`'s process
+        code = proc.wait(120)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        log.close()
+    out = (tmp_path / "torchrun.log").read_text()
+    assert "Traceback" not in out and "exitcode  : 2" not in out, out[-3000:]
+    assert code == 0, out[-3000:]
+    assert "stopped at step" in out and "done at step" in out, out[-3000:]
+    assert took < 60  # no rank waited for a collective timeout
+    assert not [p for p in layout.checkpoints_dir.iterdir() if p.name.startswith(".tmp")]
+    steps = list(list_ready_checkpoints(layout.checkpoints_dir))
+    for step in steps:
+        manifest = verify_checkpoint(layout.checkpoint_dir(step))
+        assert {"trainer_state/state_rank00000.pt", "trainer_state/state_rank00001.pt"} <= set(manifest["files"])
+    resumed = torchrun(make_config({"training": {"max_steps": steps[-1] + 2, "eval_every": 4}}, name="resume.yaml"))
+    assert f"(step {steps[-1]})" in resumed.stdout + resumed.stderr

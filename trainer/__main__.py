@@ -4,11 +4,47 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 
 from shared.config import load_config
 from shared.launch import physical_gpu_count, pin_gpus, run_main
 from shared.protocol import CheckpointInvalid, CheckpointWriteError, RunInUse
+
+
+def _worker_pids(agent_pid: int) -> list[int]:
+    """The rank processes torchrun's agent started (its children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == agent_pid:
+                pids.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def launch_ranks(argv: list[str]) -> int:
+    """Run torchrun in its own session, so that a terminal's Ctrl-C reaches this process only, and pass Ctrl-C or
+    SIGTERM on to the ranks themselves: they stop together after a step and exit 0, and so does torchrun (whose
+    agent, signalled itself, would tear the ranks down and end in a traceback)."""
+    agent = subprocess.Popen(argv, start_new_session=True)
+
+    def forward(signum, frame) -> None:
+        for pid in _worker_pids(agent.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        try:
+            return agent.wait()
+        except KeyboardInterrupt:  # pragma: no cover - the handler above replaces the default one
+            continue
 
 
 def main() -> int:
@@ -27,7 +63,7 @@ def main() -> int:
             # run torchrun yourself (see README), which sets WORLD_SIZE and skips this.
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(visible)}", "-m", "trainer", *sys.argv[1:]]
             print(f"trainer: launching {len(visible)} processes: {' '.join(argv[1:])}", flush=True)
-            os.execv(sys.executable, argv)
+            return launch_ranks(argv)
 
     from trainer.train import train
 

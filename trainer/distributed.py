@@ -10,6 +10,8 @@ Invariants:
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,3 +127,35 @@ def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM ask the run to stop; every rank stops at the same step boundary.
+
+    A signal only sets a flag. `should_stop()`, called once per step, all-reduces it (max): a request on any
+    rank is seen by all ranks at the same step, so they leave the loop together, finish the pending
+    checkpoint (a collective with several ranks) and exit 0, and none waits in a collective the others left.
+    Under torchrun a terminal's Ctrl-C reaches each rank twice (directly, and forwarded by the agent), so a
+    repeat within FORCE_AFTER_S is the same request; a later one interrupts at once (KeyboardInterrupt)."""
+
+    FORCE_AFTER_S = 3.0
+
+    def __init__(self, d: Dist, device: torch.device):
+        self.d, self.device = d, device
+        self.requested_at: float | None = None
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested_at is not None and now - self.requested_at > self.FORCE_AFTER_S:
+            raise KeyboardInterrupt
+        self.requested_at = self.requested_at or now
+
+    def should_stop(self) -> bool:
+        requested = self.requested_at is not None
+        if not self.d.enabled:
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

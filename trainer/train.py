@@ -39,6 +39,7 @@ from trainer.distributed import (
     load_local_optimizer_state,
     shard_model,
     shutdown,
+    StopFlag,
 )
 from trainer.embedded import save_embedded_model
 from trainer.logprobs import response_log_probs, supports_chunked_head
@@ -276,8 +277,8 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         + (f"packed micro-batches of <= {tc.micro_batch_tokens} tokens ({'varlen flash' if varlen else 'sdpa'} attention)"
            if tc.micro_batch_tokens else f"padded micro-batches of {tc.micro_batch_size} examples"))
 
-    # SIGTERM behaves like Ctrl-C: stop after the current step, finish the pending save, exit 0.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C or SIGTERM (on any rank): every rank stops after the same step, finishes the pending save, exits 0.
+    stop = StopFlag(d, device)
 
     # ---------------------------------------------------------------- loop
     step = start_step
@@ -291,7 +292,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         profiler = profile_if_asked(d)
-        while step < tc.max_steps:
+        while step < tc.max_steps and not stop.should_stop():
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
             # This rank's slice of the global batch: the same examples in the same order for any world size.
@@ -360,8 +361,10 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             bar.update(1)
             if profiler is not None:
                 profiler.step()
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: finishing the pending checkpoint")
+        if step < tc.max_steps:
+            log(f"\nstopped at step {step} (Ctrl-C or SIGTERM): finishing the pending checkpoint")
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever this rank was
+        log(f"\ninterrupted during step {step + 1}: finishing the pending checkpoint")
     finally:
         # The pending checkpoint must be finished: a second Ctrl-C or SIGTERM no longer interrupts (SIGKILL does).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
