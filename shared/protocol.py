@@ -18,7 +18,7 @@ decides a path, a marker or a file format.
 
 Invariants:
 - A checkpoint directory is complete iff its READY manifest verifies: every file listed with its size
-  and sha256, nothing listed missing. READY is written (atomically) only after the directory was
+  and SHA-256 (per 64 MiB chunk since version 2, hashed while written), nothing listed missing. READY is written (atomically) only after the directory was
   renamed into place and fsynced, so a crash at any point leaves either no READY or a valid one.
 - Temporary directories start with `.tmp_`; only the trainer creates them and it removes leftovers
   when it starts, so a reader ignores them.
@@ -57,9 +57,13 @@ READY = "READY"
 TMP_PREFIX = ".tmp_"
 CORRUPT_PREFIX = "corrupt_"
 TRAINER_STATE_DIR = "trainer_state"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""1: one SHA-256 per file. 2: SHA-256 per CHUNK_BYTES chunk of each file, computed while the file is written
+and verified chunk by chunk in parallel threads. Readers take both; a newer version is refused."""
+CHUNK_BYTES = 64 << 20
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _HASH_CHUNK_BYTES = 8 << 20
+_HASH_THREADS = min(32, os.cpu_count() or 1)
 _FILE_MODE = 0o644
 """Every published file, whatever wrote it (safetensors writes 0600): readable by the group, like the rest."""
 _FAULT_LEDGER_HOLD_ENV = "MATH_SFT_FAULT_LEDGER_HOLD_S"
@@ -178,6 +182,68 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class ChunkHasher:
+    """A write-only file object that hashes what passes through it, per `chunk_bytes` chunk: a file is hashed
+    as it is written, never read back. `finish()` gives the chunk digests (one for an empty file)."""
+
+    def __init__(self, f, chunk_bytes: int = CHUNK_BYTES):
+        self.f, self.chunk_bytes = f, chunk_bytes
+        self.digests: list[str] = []
+        self._hash, self._filled = hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.f.write(view)
+        pos = 0
+        while pos < len(view):
+            take = min(self.chunk_bytes - self._filled, len(view) - pos)
+            self._hash.update(view[pos : pos + take])
+            self._filled += take
+            pos += take
+            if self._filled == self.chunk_bytes:
+                self.digests.append(self._hash.hexdigest())
+                self._hash, self._filled = hashlib.sha256(), 0
+        return len(view)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def finish(self) -> list[str]:
+        if self._filled or not self.digests:
+            self.digests.append(self._hash.hexdigest())
+        return self.digests
+
+
+def write_hashed(path: Path, data: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Write `data` to `path` (in place: for files inside a temporary checkpoint folder); its chunk digests."""
+    with open(path, "wb") as f:
+        hasher = ChunkHasher(f, chunk_bytes)
+        hasher.write(data)
+        return hasher.finish()
+
+
+def _chunk_digest(path: Path, index: int, chunk_bytes: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(index * chunk_bytes)
+        left = chunk_bytes
+        while left and (block := f.read(min(left, _HASH_CHUNK_BYTES))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def chunk_digests(paths: list[Path], chunk_bytes: int = CHUNK_BYTES) -> list[list[str]]:
+    """Chunk digests of each file, every chunk of every file hashed in parallel (hashlib releases the GIL)."""
+    tasks = [(i, path, k) for i, path in enumerate(paths) for k in range(max(1, -(-path.stat().st_size // chunk_bytes)))]
+    with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, max(1, len(tasks)))) as pool:
+        digests = list(pool.map(lambda task: _chunk_digest(task[1], task[2], chunk_bytes), tasks))
+    out: list[list[str]] = [[] for _ in paths]
+    for (i, _, _), digest in zip(tasks, digests):
+        out[i].append(digest)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Manifest (READY) and verification
 
@@ -192,21 +258,26 @@ def _listed_files(directory: Path) -> list[str]:
     return sorted(files)
 
 
-def build_manifest(directory: Path, step: int, config_hash: str) -> dict[str, Any]:
+def build_manifest(directory: Path, step: int, config_hash: str, hashed: dict[str, list[str]] | None = None,
+                   chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    """Manifest of every file in `directory`. `hashed`: chunk digests computed while writing (by the writer, at
+    this chunk size); any other file is hashed from the disk, all its chunks in parallel."""
     rels = _listed_files(directory)
-    # hashlib releases the GIL on large buffers: big files hash in parallel.
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(rels)))) as pool:
-        digests = list(pool.map(lambda rel: file_sha256(directory / rel), rels))
-    files = {rel: {"size_bytes": (directory / rel).stat().st_size, "sha256": d} for rel, d in zip(rels, digests)}
-    return {"version": MANIFEST_VERSION, "step": step, "time": time.time(), "config_hash": config_hash, "files": files}
+    hashed = hashed or {}
+    missing = [rel for rel in rels if rel not in hashed]
+    hashed = {**hashed, **dict(zip(missing, chunk_digests([directory / rel for rel in missing], chunk_bytes)))}
+    files = {rel: {"size_bytes": (directory / rel).stat().st_size, "sha256_chunks": hashed[rel]} for rel in rels}
+    return {"version": MANIFEST_VERSION, "step": step, "time": time.time(), "config_hash": config_hash,
+            "chunk_bytes": chunk_bytes, "files": files}
 
 
-def publish_checkpoint(tmp_dir: Path, final_dir: Path, step: int, config_hash: str) -> dict[str, Any]:
-    """Make a fully written `tmp_dir` visible as `final_dir`, then mark it READY.
+def publish_checkpoint(tmp_dir: Path, final_dir: Path, step: int, config_hash: str,
+                       hashed: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Make a fully written `tmp_dir` visible as `final_dir`, then mark it READY (`hashed`: see build_manifest).
 
     Order matters: fsync files -> rename -> fsync parent -> write READY atomically. A crash before the
     last step leaves a directory without READY, which no reader trusts."""
-    manifest = build_manifest(tmp_dir, step, config_hash)
+    manifest = build_manifest(tmp_dir, step, config_hash, hashed)
     for rel in manifest["files"]:
         os.chmod(tmp_dir / rel, _FILE_MODE)
         with open(tmp_dir / rel, "rb") as f:
@@ -247,7 +318,7 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
     `model_only`: hash only what a model loader reads (the evaluator), sizes of everything still checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    to_hash = []
+    whole, chunked = [], []  # version 1 entries (one digest a file), version 2 entries (a digest a chunk)
     for rel, meta in sorted(manifest["files"].items()):
         path = directory / rel
         if not path.is_file():
@@ -256,10 +327,13 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
         if size != meta["size_bytes"]:
             raise CheckpointInvalid(f"{path}: size mismatch ({size} bytes on disk, {meta['size_bytes']} in {READY})")
         if check_hashes and not (model_only and rel.startswith(TRAINER_STATE_DIR + "/")):
-            to_hash.append((rel, path, meta["sha256"]))
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(to_hash)))) as pool:
-        digests = list(pool.map(lambda item: file_sha256(item[1]), to_hash))
-    for (rel, path, expected), digest in zip(to_hash, digests):
+            (whole if "sha256" in meta else chunked).append((path, meta))
+    with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, max(1, len(whole)))) as pool:
+        whole_digests = list(pool.map(lambda item: file_sha256(item[0]), whole))
+    chunk_lists = chunk_digests([path for path, _ in chunked], manifest.get("chunk_bytes", CHUNK_BYTES))
+    found = [(path, meta.get("sha256"), digest) for (path, meta), digest in zip(whole, whole_digests)]
+    found += [(path, meta.get("sha256_chunks"), digests) for (path, meta), digests in zip(chunked, chunk_lists)]
+    for path, expected, digest in found:
         if digest != expected:
             raise CheckpointInvalid(f"{path}: content hash mismatch (file changed or corrupted after it was written)")
     return manifest
@@ -274,18 +348,22 @@ def _weights_id_of(sha256_by_file: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _file_digest(meta: dict[str, Any]) -> str:
+    return meta.get("sha256") or hashlib.sha256("".join(meta["sha256_chunks"]).encode()).hexdigest()
+
+
 def weights_id(manifest: dict[str, Any]) -> str:
-    """What a result measured: a hash of the model files' hashes (trainer state left out). The same
-    files give the same id whether they come from a manifest or from `folder_weights_id`."""
-    return _weights_id_of({rel: meta["sha256"] for rel, meta in manifest["files"].items()})
+    """What a result measured: a hash of the model files' hashes (trainer state left out). The same files give
+    the same id from a version-2 manifest and from `folder_weights_id` (a version-1 manifest, hashing whole
+    files, gives another id for the same bytes: its results are evaluated again once)."""
+    return _weights_id_of({rel: _file_digest(meta) for rel, meta in manifest["files"].items()})
 
 
 def folder_weights_id(directory: Path) -> str:
-    """`weights_id` of a plain model folder (no READY), from its contents: reads every file once."""
+    """`weights_id` of a plain model folder (no READY), from its contents: reads every file once, in parallel."""
     rels = [rel for rel in _listed_files(directory) if _is_model_file(rel) and not rel.startswith(".")]
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(rels)))) as pool:
-        digests = list(pool.map(lambda rel: file_sha256(directory / rel), rels))
-    return _weights_id_of(dict(zip(rels, digests)))
+    digests = chunk_digests([directory / rel for rel in rels])
+    return _weights_id_of({rel: _file_digest({"sha256_chunks": d}) for rel, d in zip(rels, digests)})
 
 
 def ready_weights_ids(checkpoints_dir: Path) -> dict[int, str]:

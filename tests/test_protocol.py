@@ -95,8 +95,55 @@ def test_newer_manifest_version_is_a_clear_error(layout):
     make_checkpoint(layout, 1)
     marker = layout.checkpoint_dir(1) / READY
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "version": protocol.MANIFEST_VERSION + 1}))
-    with pytest.raises(CheckpointInvalid, match=r"manifest version 2 is newer than this code reads"):
+    with pytest.raises(CheckpointInvalid, match=rf"manifest version {protocol.MANIFEST_VERSION + 1} is newer than this code reads"):
         verify_checkpoint(layout.checkpoint_dir(1))
+
+
+def test_version_1_manifests_still_verify_and_catch_damage(layout):
+    """Checkpoints published before chunk hashes (one SHA-256 a file) keep verifying."""
+    make_checkpoint(layout, 1)
+    ckpt = layout.checkpoint_dir(1)
+    old = {"version": 1, "step": 1, "time": 0, "config_hash": "c",
+           "files": {rel: {"size_bytes": (ckpt / rel).stat().st_size, "sha256": protocol.file_sha256(ckpt / rel)}
+                     for rel in ("model.safetensors", "config.json", "trainer_state/state.json")}}
+    (ckpt / READY).write_text(json.dumps(old))
+    assert verify_checkpoint(ckpt)["version"] == 1
+    data = bytearray((ckpt / "config.json").read_bytes())
+    data[2] ^= 1
+    (ckpt / "config.json").write_bytes(bytes(data))
+    with pytest.raises(CheckpointInvalid, match="config.json: content hash mismatch"):
+        verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 53])
+def test_hashing_while_writing_equals_hashing_the_disk_by_chunk(tmp_path, size):
+    data = bytes(range(256))[:size] if size <= 256 else os.urandom(size)
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        hasher = protocol.ChunkHasher(f, chunk_bytes=16)
+        for i in range(0, size, 7):  # writes that straddle chunk boundaries
+            hasher.write(data[i : i + 7])
+        written = hasher.finish()
+    assert written == protocol.chunk_digests([path], chunk_bytes=16)[0]
+    assert len(written) == max(1, -(-size // 16))
+
+
+def test_a_flipped_byte_in_any_chunk_is_found(layout):
+    tmp = layout.tmp_checkpoint_dir(3)
+    (tmp / "trainer_state").mkdir(parents=True)
+    payload = os.urandom(100)
+    (tmp / "model.safetensors").write_bytes(payload)
+    hashed = {"model.safetensors": protocol.chunk_digests([tmp / "model.safetensors"], chunk_bytes=16)[0]}
+    manifest = protocol.build_manifest(tmp, 3, "c", hashed, chunk_bytes=16)
+    assert len(manifest["files"]["model.safetensors"]["sha256_chunks"]) == 7 and manifest["chunk_bytes"] == 16
+    (tmp / READY).write_text(json.dumps(manifest))
+    verify_checkpoint(tmp)
+    for position in (0, 40, 99):
+        damaged = bytearray(payload)
+        damaged[position] ^= 0x80
+        (tmp / "model.safetensors").write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointInvalid, match="content hash mismatch"):
+            verify_checkpoint(tmp)
 
 
 def test_weights_id_is_the_content_of_the_model_files(layout, tmp_path):

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from shared.hf_models import tied_weight_names
 from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
@@ -31,9 +32,11 @@ from shared.protocol import (
     CheckpointWriteError,
     ResumeError,
     TRAINER_STATE_DIR,
+    ChunkHasher,
     RunLayout,
     publish_checkpoint,
     unpublish_old_checkpoints,
+    write_hashed,
 )
 
 MAX_SHARD_BYTES = 5 << 30
@@ -222,23 +225,24 @@ class AsyncCheckpointer:
             if not self.d.enabled:
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / TRAINER_STATE_DIR).mkdir(parents=True)
-            if self.d.is_main:
-                _write_safetensors(weights, tmp)
-                for name, data in self.static_files.items():
-                    (tmp / name).write_bytes(data)
-                    _fault_pause()
-                (tmp / TRAINER_STATE_DIR / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-            # A rank's shard appears under its final name only when complete (rename), which is
-            # what rank 0 waits for before publishing.
-            shard = tmp / TRAINER_STATE_DIR / state_file_name(self.d)
-            torch.save(state, shard.with_suffix(".partial"))
-            shard.with_suffix(".partial").rename(shard)
-            _fault_pause()
+            # One pass over the bytes: every file is hashed as it is written (never read back), and the weights
+            # and this rank's optimizer state are written at the same time, by two threads.
+            hashed: dict[str, list[str]] = {}
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                state_done = pool.submit(self._write_state, tmp, state)
+                if self.d.is_main:
+                    hashed.update(_write_safetensors(weights, tmp))
+                    for name, data in self.static_files.items():
+                        hashed[name] = write_hashed(tmp / name, data)
+                        _fault_pause()
+                    meta = json.dumps(trainer_state, indent=2, sort_keys=True).encode()
+                    hashed[f"{TRAINER_STATE_DIR}/trainer_state.json"] = write_hashed(tmp / TRAINER_STATE_DIR / "trainer_state.json", meta)
+                hashed.update(state_done.result())
             if not self.d.is_main:
                 self.last_published = step
                 return
             self._wait_for_shards(tmp)
-            publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash)
+            publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash, hashed)
             self.last_published = step
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             if self.d.is_main:
@@ -250,6 +254,17 @@ class AsyncCheckpointer:
             self._apply_retention()
         except Exception as exc:  # noqa: BLE001 - the checkpoint is published; retention must not stop training
             print(f"warning: retention after step {step} failed, nothing more deleted this time: {type(exc).__name__}: {exc}")
+
+    def _write_state(self, tmp: Path, state: dict[str, Any]) -> dict[str, list[str]]:
+        """This rank's optimizer state and RNG. It appears under its final name only when complete (rename),
+        which is what rank 0 waits for before publishing; rank 0 hashes other ranks' shards from the disk."""
+        shard = tmp / TRAINER_STATE_DIR / state_file_name(self.d)
+        with open(shard.with_suffix(".partial"), "wb") as f:
+            hasher = ChunkHasher(f)
+            torch.save(state, hasher)
+        shard.with_suffix(".partial").rename(shard)
+        _fault_pause()
+        return {f"{TRAINER_STATE_DIR}/{shard.name}": hasher.finish()}
 
     def _wait_for_shards(self, tmp: Path, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -282,8 +297,33 @@ def _fault_pause() -> None:
         time.sleep(delay)
 
 
-def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> None:
-    """model.safetensors, or shards + index past MAX_SHARD_BYTES (the Hugging Face layout)."""
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                       torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """The safetensors format (8-byte header length, JSON header, then the tensors' bytes), written in one pass
+    with large writes straight from the host buffers and hashed on the way; returns the chunk digests."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the format's own writer does
+    with open(path, "wb") as f:
+        hasher = ChunkHasher(f)
+        hasher.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            flat = tensor.detach().contiguous().view(-1)
+            if flat.numel():
+                hasher.write(flat.view(torch.uint8).numpy())
+        return hasher.finish()
+
+
+def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> dict[str, list[str]]:
+    """model.safetensors, or shards + index past MAX_SHARD_BYTES (the Hugging Face layout); {file: chunk digests}."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in weights.items():
@@ -294,18 +334,20 @@ def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> None:
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        hashed = {"model.safetensors": _save_safetensors(shards[0], out / "model.safetensors")}
         _fault_pause()
-        return
-    weight_map = {}
+        return hashed
+    weight_map, hashed = {}, {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / fname, metadata={"format": "pt"})
+        hashed[fname] = _save_safetensors(shard, out / fname)
         weight_map.update({name: fname for name in shard})
         _fault_pause()
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    hashed["model.safetensors.index.json"] = write_hashed(out / "model.safetensors.index.json",
+                                                          json.dumps(index, indent=2, sort_keys=True).encode())
+    return hashed
 
 
 def _rng_state() -> dict[str, Any]:
