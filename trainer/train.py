@@ -334,6 +334,10 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash(), "config": cfg.to_dict()})
                 metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
+                if saved["waited_for_previous_s"] > 1.0:  # every checkpoint is kept, so a slow disk stalls the loop: say so
+                    log(f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for the previous "
+                        f"save to finish: writing takes longer than training.eval_every={tc.eval_every} steps here; "
+                        "raise eval_every, or write checkpoints to a faster disk")
             if log_now or metrics:
                 # Global figures (sums over ranks); this waits for the device: only on logging steps.
                 loss_value = all_reduce_sum(loss_sum, d, device) / d.world
