@@ -66,7 +66,9 @@ def main() -> int:
             try:
                 evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
             except Exception:
-                if out_dir_is_new:  # nothing of a failed evaluation stays in a results folder it created
+                # Nothing of a failed evaluation stays in a results folder it created, unless that folder is a run's
+                # own evaluation folder, which a watcher starting meanwhile may share.
+                if out_dir_is_new and out_dir != RunLayout(Path(args.ckpt).parent.parent).eval_dir(cfg.evaluation.name):
                     tracker.finish()
                     shutil.rmtree(out_dir, ignore_errors=True)
                 raise

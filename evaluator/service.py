@@ -21,6 +21,7 @@ from shared.config import Config
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import (
     READY,
+    TMP_PREFIX,
     CheckpointInvalid,
     ClaimLost,
     Ledger,
@@ -235,6 +236,14 @@ def _record_failure(ledger: Ledger, evaluator: Evaluator, step: int, reason: str
 
 
 def _log_once(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
+    def still_mine(entries: dict[int, dict[str, Any]]) -> bool:
+        entry = entries.get(step) or {}
+        return entry.get("status") == Status.DONE and not entry.get("logged") and \
+            entry.get("log_owner", {}).get("id") == evaluator.owner_id
+
+    if not ledger.update(still_mine):  # frozen meanwhile, and another evaluator took the logging over
+        print(f"step {step}: not logged here: another evaluator took over logging it")
+        return
     evaluator.log(result, samples)
     if evaluator.tracker is not None:
         evaluator.tracker.wait_durable()  # `logged` is set only once W&B's file holds the row
@@ -398,11 +407,12 @@ def _run_of(ckpt_dir: Path) -> RunLayout | None:
 
 
 def results_dir_for(cfg: Config, ckpt_dir: Path, out: str | None) -> Path:
-    """--out, else the run's eval folder, else eval/<name>/<folder>-<hash> beside the folder."""
+    """--out, else the run's eval folder (a published step of a run), else eval/<name>/<folder>-<hash> beside
+    the folder (anything else: an unpublished folder's results never enter the run's ledger)."""
     if out:
         return Path(out)
     run = _run_of(ckpt_dir)
-    if run is not None:
+    if run is not None and (ckpt_dir / READY).exists():
         return run.eval_dir(cfg.evaluation.name)
     return ckpt_dir.parent / "eval" / cfg.evaluation.name / _folder_id(ckpt_dir)
 
@@ -412,6 +422,8 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
     are claimed and recorded in `out_dir`'s ledger like a watcher's, tied to the folder's weights."""
     if not ckpt_dir.is_dir():
         raise CheckpointInvalid(f"{ckpt_dir}: no such checkpoint directory")
+    if ckpt_dir.name.startswith(TMP_PREFIX):
+        raise CheckpointInvalid(f"{ckpt_dir}: a checkpoint still being written (or left by a crash); not evaluated")
     published = (ckpt_dir / READY).exists()
     if published:
         manifest = read_manifest(ckpt_dir)
@@ -435,8 +447,8 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
             raise CheckpointInvalid(why_not)
         try:
             with presence.lease(step) if presence else nullcontext():  # before verifying: retention keeps it
-                if published:
-                    verify_checkpoint(ckpt_dir, model_only=True)
+                if published and weights_id(verify_checkpoint(ckpt_dir, model_only=True)) != weights:
+                    raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
                 result, samples = evaluator.evaluate(step, ckpt_dir, weights)
         except (Stop, KeyboardInterrupt):
             give_back(ledger, step, evaluator.owner_id)

@@ -184,50 +184,45 @@ def file_sha256(path: Path) -> str:
 
 class ChunkHasher:
     """A write-only file object that hashes what passes through it, per `chunk_bytes` chunk: a file is hashed
-    as it is written, never read back. Full chunks are hashed by a thread pool while the writing goes on (one
-    thread hashes ~1 GB/s, slower than the disks we write to), so the data handed to `write` must not change
-    until `finish()`, which returns the chunk digests in order (one for an empty file)."""
+    as it is written, never read back. Within each `write`, the pieces of a large write are hashed by a thread
+    pool (one thread hashes ~1 GB/s, slower than the disks we write to) while the bytes go to the file, and all
+    of it ends before `write` returns: the caller may reuse its buffer at once (torch.save does)."""
 
     def __init__(self, f, chunk_bytes: int = CHUNK_BYTES):
         self.f, self.chunk_bytes = f, chunk_bytes
         self._pool = ThreadPoolExecutor(max_workers=_HASH_THREADS)
-        self._futures: list = []
-        self._pending: list[memoryview] = []
-        self._filled = 0
+        self._full: list = []  # hash objects of complete chunks, in file order
+        self._hash, self._filled = hashlib.sha256(), 0
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.f.write(view)
-        if len(view) < 1 << 20:  # small writes may come from a buffer the writer reuses (torch.save's headers): keep a copy
-            view = memoryview(bytes(view))
+        pending = []
         pos = 0
         while pos < len(view):
             take = min(self.chunk_bytes - self._filled, len(view) - pos)
-            self._pending.append(view[pos : pos + take])
+            piece = view[pos : pos + take]
+            if take >= 1 << 20:  # each hash object gets one piece per call: no two threads ever share one
+                pending.append(self._pool.submit(self._hash.update, piece))
+            else:
+                self._hash.update(piece)
             self._filled += take
             pos += take
             if self._filled == self.chunk_bytes:
-                self._submit()
+                self._full.append(self._hash)
+                self._hash, self._filled = hashlib.sha256(), 0
+        self.f.write(view)
+        for future in pending:
+            future.result()
         return len(view)
-
-    def _submit(self) -> None:
-        def digest(parts: list[memoryview]) -> str:
-            h = hashlib.sha256()
-            for part in parts:
-                h.update(part)
-            return h.hexdigest()
-
-        self._futures.append(self._pool.submit(digest, self._pending))
-        self._pending, self._filled = [], 0
 
     def flush(self) -> None:
         self.f.flush()
 
     def finish(self) -> list[str]:
-        if self._filled or not self._futures:
-            self._submit()
-        digests = [future.result() for future in self._futures]
         self._pool.shutdown()
+        digests = [h.hexdigest() for h in self._full]
+        if self._filled or not digests:
+            digests.append(self._hash.hexdigest())
         return digests
 
 
@@ -554,6 +549,7 @@ class Presence:
     def _write(self) -> None:
         with self._lock:
             record = {**self.info, "owner": self.owner, "steps": sorted(self.steps), "heartbeat_time": time.time()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # removed meanwhile (a run folder deleted and made again)
             atomic_write_json(self.path, record)
 
     def start(self) -> "Presence":
@@ -591,7 +587,12 @@ class _Lease:
         with FileLock(str(layout.leases_dir / ".lock")):
             with self.presence._lock:
                 self.presence.steps.add(self.step)
-            self.presence._write()
+            try:
+                self.presence._write()
+            except BaseException:
+                with self.presence._lock:
+                    self.presence.steps.discard(self.step)
+                raise
             if not (layout.checkpoint_dir(self.step) / READY).exists():
                 self.__exit__()
                 raise CheckpointInvalid(f"{layout.checkpoint_dir(self.step)}: deleted before it could be evaluated")
@@ -690,6 +691,9 @@ def iter_ledgers(layout: RunLayout) -> Iterator[Ledger]:
 # Retention (the trainer's): which published steps may go, decided under every lock that matters
 
 
+RETENTION_LOCK_TIMEOUT_S = 30.0
+
+
 @dataclass(frozen=True)
 class RetentionResult:
     deleted: list[int]
@@ -713,7 +717,8 @@ def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: 
     candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
     if not candidates:
         return RetentionResult([], {}, {})
-    with FileLock(str(layout.leases_dir / ".lock")):
+    # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
+    with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
         presences = live_presences(layout)
         backfill = dict(eval_backfill)
         attached = set()
@@ -772,7 +777,7 @@ class _all_locked:
     def __enter__(self) -> None:
         for i, lock in enumerate(self.locks):
             try:
-                lock.acquire()
+                lock.acquire(timeout=RETENTION_LOCK_TIMEOUT_S)
             except BaseException:
                 for held in self.locks[:i]:
                     held.release()

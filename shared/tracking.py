@@ -7,7 +7,6 @@ anywhere by us: the resolved config holds no secret, and W&B reads the key from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import netrc
 import os
@@ -64,17 +63,14 @@ class Tracker:
 
     @staticmethod
     def _init(wandb, cfg: Config, job_type: str, out_dir: Path, x_axis: str, mode: str):
-        # One W&B run per output folder and job, resumed by every restart, so a restarted service continues
-        # its curves (offline: `wandb sync` appends the restarts' files in order) instead of adding a run.
-        run_id = f"{cfg.run_name}-{job_type}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:10]}"
+        # One W&B run per process, in the run's group: two evaluators of one evaluation may run at once, and W&B
+        # takes one writer per run. Exactly-once across processes comes from the ledger and `logged_rows`.
         run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group or cfg.run_name,
             job_type=job_type,
             name=f"{cfg.run_name}-{job_type}",
-            id=run_id,
-            resume="allow",
             dir=str(out_dir),  # W&B writes into out_dir/wandb
             mode=mode,
             config=cfg.to_dict(),
@@ -85,8 +81,9 @@ class Tracker:
         return run
 
     def wait_durable(self) -> None:
-        """Return once what was logged is in W&B's own file: its service writes every
-        WANDB_FLUSH_INTERVAL_S and drops what it has not written if this process is killed."""
+        """Give W&B's service the time to write what was logged to its own file (it writes every
+        WANDB_FLUSH_INTERVAL_S and drops what it has not written if this process is killed). A wait, not a proof:
+        after a crash, `logged_rows` is what tells whether a row made it."""
         if self.run is not None:
             time.sleep(WANDB_FLUSH_INTERVAL_S * 2)
 

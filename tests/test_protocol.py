@@ -356,3 +356,17 @@ def test_corrupted_ledger_is_a_clear_error(tmp_path):
     (tmp_path / "ledger.json").write_text(json.dumps({"abc": {"status": "done"}}))
     with pytest.raises(ValueError, match=r"corrupted ledger \(entry 'abc' is not a step with a status\)"):
         Ledger(tmp_path).read()
+
+
+def test_torch_save_through_the_hashing_file_hashes_what_is_on_disk(tmp_path):
+    """torch.save hands the writer temporary buffers (its zip directory) and frees them at once: the digests must
+    be taken before write() returns (deferring them read freed memory: wrong hashes, or a crash, at 40k tensors)."""
+    import torch
+
+    state = {"state": {i: {"exp_avg": torch.full((3,), float(i)), "step": torch.tensor(i)} for i in range(20000)}}
+    path = tmp_path / "state.pt"
+    with open(path, "wb") as f:
+        hasher = protocol.ChunkHasher(f, chunk_bytes=1 << 20)
+        torch.save(state, hasher)
+    assert hasher.finish() == protocol.chunk_digests([path], chunk_bytes=1 << 20)[0]
+    assert torch.load(path, weights_only=True)["state"][19999]["step"] == 19999

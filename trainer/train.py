@@ -191,8 +191,10 @@ def train(cfg: Config) -> dict[str, Any]:
         with TrainerLock(layout) if d.is_main else contextlib.nullcontext():
             return _train(cfg, d, layout)
     except BaseException:
-        if new_run and d.is_main and not list_ready_checkpoints(layout.checkpoints_dir):
-            shutil.rmtree(layout.run_dir, ignore_errors=True)  # a start that failed leaves no half-made run behind
+        # A start that failed leaves no half-made run behind, unless an evaluator already works in it.
+        attached = (layout.run_dir / "eval").exists() or layout.leases_dir.exists()
+        if new_run and d.is_main and not attached and not list_ready_checkpoints(layout.checkpoints_dir):
+            shutil.rmtree(layout.run_dir, ignore_errors=True)
         raise
 
 
