@@ -24,7 +24,7 @@ def test_real_recipe_has_reference_defaults():
     assert cfg.training.learning_rate == 2e-5
     assert cfg.training.eval_every == 500
     assert cfg.training.gpus == [0] and cfg.evaluation.gpus == [1]
-    assert cfg.evaluation.num_samples == 100
+    assert cfg.evaluation.num_samples is None and cfg.evaluation.data.path == "data/math500/test.jsonl"  # all of MATH-500
     assert (cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_tokens) == (1.0, 1.0, 1024)
     assert cfg.evaluation.stop == ["</answer>"]
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, REPO
 from shared.config import DatasetConfig
 from shared.data import (
     DataError,
@@ -117,3 +117,20 @@ def test_prompt_template(tmp_path):
     (tmp_path / "bad.prompt").write_text("no placeholder")
     with pytest.raises(DataError, match="no {question} placeholder"):
         load_prompt_template(tmp_path / "bad.prompt")
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "math500").exists(), reason="team data kit not beside the checkout")
+def test_real_math500_and_aime24_read_as_they_are():
+    from evaluator.grader import r1_zero_reward
+
+    math500 = read_jsonl(SHARED_DATA / "math500" / "test.jsonl")
+    assert len(math500) == 500 and all(ex.answer for ex in math500)
+    assert sum(1 for ex in math500 if ex.category and ex.category.startswith("Algebra / ")) == 124  # subject / level
+    aime = read_jsonl(SHARED_DATA / "aime24" / "test.jsonl")
+    assert len(aime) == 30 and all(len(ex.answer) == 3 and ex.answer.isdigit() for ex in aime)  # written "025"
+    padded = next(ex.answer for ex in aime if ex.answer.startswith("0"))
+    assert r1_zero_reward(f"x </think> <answer> {int(padded)} </answer>", padded)["reward"] == 1.0  # integers, not strings
+    assert r1_zero_reward(f"x </think> <answer> {int(padded) + 1} </answer>", padded)["reward"] == 0.0
