@@ -80,13 +80,27 @@ def main() -> None:
     verify_v2_s = _timed(lambda: verify_checkpoint(ours_dir))
     verify_v1_s = _timed(lambda: file_sha256(before_dir / "model.safetensors"))
     gb = total / 1e9
-    report("checkpoint_write", bytes=total, raw_gb_s=round(gb / raw_s, 2), ours_gb_s=round(gb / ours_s, 2),
-           ours_fraction_of_raw=round(raw_s / ours_s, 2), before_gb_s=round(gb / before_s, 2), cpus=os.cpu_count(),
-           command="python -m bench.bench_checkpoint")
-    report("checkpoint_verify", bytes=total, v2_chunks_parallel_s=round(verify_v2_s, 3), v2_gb_s=round(gb / verify_v2_s, 2),
-           v1_one_hash_s=round(verify_v1_s, 3), v1_gb_s=round(gb / verify_v1_s, 2), cpus=os.cpu_count(),
-           note="file pages are in the page cache: memory speed, as the evaluator reads a just-written checkpoint",
-           command="python -m bench.bench_checkpoint")
+    report(
+        "checkpoint_write",
+        bytes=total,
+        raw_gb_s=round(gb / raw_s, 2),
+        ours_gb_s=round(gb / ours_s, 2),
+        ours_fraction_of_raw=round(raw_s / ours_s, 2),
+        before_gb_s=round(gb / before_s, 2),
+        cpus=os.cpu_count(),
+        command="python -m bench.bench_checkpoint",
+    )
+    report(
+        "checkpoint_verify",
+        bytes=total,
+        v2_chunks_parallel_s=round(verify_v2_s, 3),
+        v2_gb_s=round(gb / verify_v2_s, 2),
+        v1_one_hash_s=round(verify_v1_s, 3),
+        v1_gb_s=round(gb / verify_v1_s, 2),
+        cpus=os.cpu_count(),
+        note="file pages are in the page cache: memory speed, as the evaluator reads a just-written checkpoint",
+        command="python -m bench.bench_checkpoint",
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -23,9 +23,16 @@ from bench.common import digits_sft_jsonl, make_qwen15_dir, report, write_config
 def eval_config(num: int, data: Path | None = None):
     from shared.config import DatasetConfig, EvaluationConfig
 
-    return EvaluationConfig(data=DatasetConfig(path=str(data) if data else "unused", format="sft"), num_samples=num,
-                            backend="vllm", temperature=1.0, top_p=1.0, max_tokens=1024, max_model_len=2048,
-                            gpu_memory_utilization=0.85)
+    return EvaluationConfig(
+        data=DatasetConfig(path=str(data) if data else "unused", format="sft"),
+        num_samples=num,
+        backend="vllm",
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=1024,
+        max_model_len=2048,
+        gpu_memory_utilization=0.85,
+    )
 
 
 def throughput(work: Path, num_prompts: int) -> None:
@@ -55,10 +62,18 @@ def throughput(work: Path, num_prompts: int) -> None:
     t0 = time.perf_counter()
     how = backend.load(model_dir)
     reload_s = time.perf_counter() - t0
-    report("eval_throughput", evaluator_tokens_per_s=round(ours_tokens / ours_s), raw_vllm_tokens_per_s=round(raw_tokens / raw_s),
-           ratio=round((ours_tokens / ours_s) / (raw_tokens / raw_s), 3), prompts=num_prompts, max_tokens=1024,
-           engine_start_s=round(start_s, 1), reload_in_place_s=round(reload_s, 2), reload=how,
-           command="python -m bench.bench_eval throughput")
+    report(
+        "eval_throughput",
+        evaluator_tokens_per_s=round(ours_tokens / ours_s),
+        raw_vllm_tokens_per_s=round(raw_tokens / raw_s),
+        ratio=round((ours_tokens / ours_s) / (raw_tokens / raw_s), 3),
+        prompts=num_prompts,
+        max_tokens=1024,
+        engine_start_s=round(start_s, 1),
+        reload_in_place_s=round(reload_s, 2),
+        reload=how,
+        command="python -m bench.bench_eval throughput",
+    )
     backend.close()
 
 
@@ -75,15 +90,32 @@ def latency(work: Path, num: int, checkpoints: int) -> None:
     layout = RunLayout(root / "runs" / "lat")
     layout.checkpoints_dir.mkdir(parents=True)
     data = digits_sft_jsonl(root / "eval.jsonl", num, 150, 20)
-    cfg = write_config(root / "cfg.yaml", {
-        "run_name": "lat", "runs_dir": str(root / "runs"),
-        "evaluation": {"gpus": [0], "data": {"path": str(data), "format": "sft"}, "num_samples": num, "backend": "vllm",
-                       "temperature": 1.0, "top_p": 1.0, "max_tokens": 1024, "max_model_len": 2048, "rescan_s": 5},
-        "wandb": {"mode": "disabled"},
-    })
+    cfg = write_config(
+        root / "cfg.yaml",
+        {
+            "run_name": "lat",
+            "runs_dir": str(root / "runs"),
+            "evaluation": {
+                "gpus": [0],
+                "data": {"path": str(data), "format": "sft"},
+                "num_samples": num,
+                "backend": "vllm",
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_tokens": 1024,
+                "max_model_len": 2048,
+                "rescan_s": 5,
+            },
+            "wandb": {"mode": "disabled"},
+        },
+    )
     log = open(root / "evaluator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "evaluator", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evaluator", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**__import__("os").environ, "TQDM_DISABLE": "1"},
+    )
     figures = {}
     try:
         for step in range(1, checkpoints + 1):
@@ -97,14 +129,22 @@ def latency(work: Path, num: int, checkpoints: int) -> None:
                     raise SystemExit(f"evaluator exited: {(root / 'evaluator.log').read_text()[-3000:]}")
                 time.sleep(0.1)
             r = json.loads(result.read_text())
-            figures[step] = {"ready_to_metrics_s": round(result.stat().st_mtime - ready_t, 2),
-                             **{k: round(v, 2) for k, v in r["timings_s"].items()}, "load": r["load"],
-                             "generated_tokens_per_s": round(r["generated_tokens_per_s"])}
+            figures[step] = {
+                "ready_to_metrics_s": round(result.stat().st_mtime - ready_t, 2),
+                **{k: round(v, 2) for k, v in r["timings_s"].items()},
+                "load": r["load"],
+                "generated_tokens_per_s": round(r["generated_tokens_per_s"]),
+            }
     finally:
         proc.send_signal(2)
         proc.wait(120)
-    report("checkpoint_to_metrics", num_examples=num, first=figures[1], steady=figures.get(2),
-           command=f"python -m bench.bench_eval latency --num {num}")
+    report(
+        "checkpoint_to_metrics",
+        num_examples=num,
+        first=figures[1],
+        steady=figures.get(2),
+        command=f"python -m bench.bench_eval latency --num {num}",
+    )
 
 
 def main() -> None:

@@ -13,12 +13,29 @@ from evaluator.grader import GraderPool
 
 # (ground truth, a right answer written differently, a wrong answer), MATH-style.
 ANSWERS = [
-    ("\\frac{1}{2}", "0.5", "\\frac{1}{3}"), ("12", "12.0", "21"), ("2\\sqrt{3}", "\\sqrt{12}", "3\\sqrt{2}"),
-    ("\\frac{\\pi}{4}", "\\pi/4", "\\frac{\\pi}{2}"), ("(1,-2)", "\\left(1, -2\\right)", "(-2,1)"), ("[0,3)", "[0, 3)", "(0,3]"),
-    ("x^2+2x+1", "(x+1)^2", "x^2+1"), ("5", "x=5", "x=6"), ("\\{1,2,3\\}", "\\{3,2,1\\}", "\\{1,2\\}"), ("1000", "1,000", "100"),
-    ("\\$18.50", "18.5", "18.05"), ("30^\\circ", "30", "60"), ("\\text{(B)}", "B", "C"), ("-\\frac{3}{4}", "-0.75", "\\frac{3}{4}"),
-    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\ 2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}"),
-    ("3+2i", "2i+3", "3-2i"), ("\\frac{5}{2}", "2.5", "2.25"), ("7\\%", "7", "0.7"), ("1.5\\times10^{3}", "1500", "150"),
+    ("\\frac{1}{2}", "0.5", "\\frac{1}{3}"),
+    ("12", "12.0", "21"),
+    ("2\\sqrt{3}", "\\sqrt{12}", "3\\sqrt{2}"),
+    ("\\frac{\\pi}{4}", "\\pi/4", "\\frac{\\pi}{2}"),
+    ("(1,-2)", "\\left(1, -2\\right)", "(-2,1)"),
+    ("[0,3)", "[0, 3)", "(0,3]"),
+    ("x^2+2x+1", "(x+1)^2", "x^2+1"),
+    ("5", "x=5", "x=6"),
+    ("\\{1,2,3\\}", "\\{3,2,1\\}", "\\{1,2\\}"),
+    ("1000", "1,000", "100"),
+    ("\\$18.50", "18.5", "18.05"),
+    ("30^\\circ", "30", "60"),
+    ("\\text{(B)}", "B", "C"),
+    ("-\\frac{3}{4}", "-0.75", "\\frac{3}{4}"),
+    (
+        "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+        "\\begin{pmatrix}1\\\\ 2\\end{pmatrix}",
+        "\\begin{pmatrix}2\\\\1\\end{pmatrix}",
+    ),
+    ("3+2i", "2i+3", "3-2i"),
+    ("\\frac{5}{2}", "2.5", "2.25"),
+    ("7\\%", "7", "0.7"),
+    ("1.5\\times10^{3}", "1500", "150"),
     ("\\infty", "\\infty", "0"),
 ]
 
@@ -56,8 +73,12 @@ def main() -> None:
         rewards, stats = pool.grade(responses, truths)
         seconds = time.perf_counter() - t0
         pool.close()
-        figures[f"workers_{workers}"] = {"seconds": round(seconds, 2), "cases_per_s": round(args.num / seconds), **stats,
-                                         "accuracy": round(sum(r["reward"] for r in rewards) / args.num, 3)}
+        figures[f"workers_{workers}"] = {
+            "seconds": round(seconds, 2),
+            "cases_per_s": round(args.num / seconds),
+            **stats,
+            "accuracy": round(sum(r["reward"] for r in rewards) / args.num, 3),
+        }
     report("grader", num=args.num, **figures, command="python -m bench.bench_grader")
 
 

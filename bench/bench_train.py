@@ -35,7 +35,9 @@ def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: i
     from trainer.train import DataOrder
 
     lengths = json.loads(lengths_file.read_text())
-    pairs = [(p, min(r, max_len - p)) for p, r in zip(lengths["prompt_tokens"], lengths["response_tokens"]) if p < max_len]
+    pairs = [
+        (p, min(r, max_len - p)) for p, r in zip(lengths["prompt_tokens"], lengths["response_tokens"]) if p < max_len
+    ]
     random.Random(0).shuffle(pairs)
     order = DataOrder(len(pairs), seed)
     slots = [None] * len(pairs)
@@ -44,8 +46,16 @@ def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: i
     rng = random.Random(seed)
     with open(path, "w") as f:
         for p, r in slots:
-            f.write(json.dumps({"prompt": "".join(rng.choice("0123456789") for _ in range(p)),
-                                "response": "".join(rng.choice("0123456789") for _ in range(r)), "ground_truth": "1"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": "".join(rng.choice("0123456789") for _ in range(p)),
+                        "response": "".join(rng.choice("0123456789") for _ in range(r)),
+                        "ground_truth": "1",
+                    }
+                )
+                + "\n"
+            )
     return path, [p + r for p, r in pairs]
 
 
@@ -75,8 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench_train")
     parser.add_argument("--tag", default=None, help="only measure the step time, under this label")
-    parser.add_argument("--gpus", type=int, default=1, help="train on this many GPUs (FSDP2 under torchrun), 8 x 1024 tokens per GPU")
-    parser.add_argument("--lengths", default=None, help="sft_lengths.json: real prompt/response lengths instead of 8 x 1024")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="train on this many GPUs (FSDP2 under torchrun), 8 x 1024 tokens per GPU"
+    )
+    parser.add_argument(
+        "--lengths", default=None, help="sft_lengths.json: real prompt/response lengths instead of 8 x 1024"
+    )
     parser.add_argument("--set", action="append", default=[], help="trainer setting, e.g. training.compile=true")
     args = parser.parse_args()
     work = Path(args.work)
@@ -90,14 +104,23 @@ def main() -> None:
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     settings = {
-        "run_name": "bench", "runs_dir": str(runs),
+        "run_name": "bench",
+        "runs_dir": str(runs),
         "model": {"path": str(model_dir)},
-        "training": {"gpus": list(range(args.gpus)), "data": {"path": str(data), "format": "sft"},
-                     "max_steps": 80 if stall else REAL_STEPS if args.lengths else 25,
-                     "batch_size": 8 * args.gpus, "micro_batch_size": 8, "max_seq_len": 1024 if args.lengths else 1025,
-                     "micro_batch_tokens": None if args.gpus > 1 else 8192,
-                     "learning_rate": 1e-5, "warmup_steps": 0,
-                     "eval_every": 40 if stall else 1000, "keep_last": 1, "log_every": 5},
+        "training": {
+            "gpus": list(range(args.gpus)),
+            "data": {"path": str(data), "format": "sft"},
+            "max_steps": 80 if stall else REAL_STEPS if args.lengths else 25,
+            "batch_size": 8 * args.gpus,
+            "micro_batch_size": 8,
+            "max_seq_len": 1024 if args.lengths else 1025,
+            "micro_batch_tokens": None if args.gpus > 1 else 8192,
+            "learning_rate": 1e-5,
+            "warmup_steps": 0,
+            "eval_every": 40 if stall else 1000,
+            "keep_last": 1,
+            "log_every": 5,
+        },
         "wandb": {"mode": "disabled"},
     }
     cfg = write_config(work / "cfg.yaml", deep_merge(settings, parse_sets(args.set)))
@@ -113,36 +136,63 @@ def main() -> None:
         steps = [lengths[i * 8 : (i + 1) * 8] for i in range(5, REAL_STEPS)]
         useful = sum(map(sum, steps))
         packed = bool(deep_merge(settings, parse_sets(args.set))["training"]["micro_batch_tokens"])
-        computed = useful if packed else sum(8 * max(step) for step in steps)  # padded: every row as long as the longest
-        report("train_real_lengths", useful_tokens_per_s=round(useful / seconds), step_s=round(seconds / 20, 4),
-               mfu_useful=round(statistics.mean(r.get("train/mfu", 0) for r in timed), 3),
-               pad_fraction=round(1 - useful / computed, 3),
-               peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
-               settings=label or "defaults", command=f"python -m bench.bench_train --lengths {args.lengths} {label}".strip())
+        computed = (
+            useful if packed else sum(8 * max(step) for step in steps)
+        )  # padded: every row as long as the longest
+        report(
+            "train_real_lengths",
+            useful_tokens_per_s=round(useful / seconds),
+            step_s=round(seconds / 20, 4),
+            mfu_useful=round(statistics.mean(r.get("train/mfu", 0) for r in timed), 3),
+            pad_fraction=round(1 - useful / computed, 3),
+            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+            settings=label or "defaults",
+            command=f"python -m bench.bench_train --lengths {args.lengths} {label}".strip(),
+        )
         return
     steady = [rows[s] for s in (10, 15)]  # after warm-up, no checkpoint in the interval
     step_s = statistics.mean(r["train/step_s"] for r in steady)
     if args.gpus > 1:
         tokens_per_s = statistics.mean(r["train/tokens_per_s"] for r in steady)
-        report("train_scaling", gpus=args.gpus, tokens_per_s=round(tokens_per_s), tokens_per_s_per_gpu=round(tokens_per_s / args.gpus),
-               command=f"python -m bench.bench_train --gpus {args.gpus}")
+        report(
+            "train_scaling",
+            gpus=args.gpus,
+            tokens_per_s=round(tokens_per_s),
+            tokens_per_s_per_gpu=round(tokens_per_s / args.gpus),
+            command=f"python -m bench.bench_train --gpus {args.gpus}",
+        )
         return
     if not stall:
-        report("train_step_time", tag=args.tag, settings=label or "defaults", step_s=round(step_s, 4),
-               tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
-               mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
-               peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1))
+        report(
+            "train_step_time",
+            tag=args.tag,
+            settings=label or "defaults",
+            step_s=round(step_s, 4),
+            tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
+            mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
+            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+        )
         return
-    report("train_throughput", settings=label or "defaults", tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
-           mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3), step_s=round(step_s, 4),
-           peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
-           batch="8x1024", command="python -m bench.bench_train")
-    report("checkpoint_stall", blocked_s_first=round(rows[40]["train/checkpoint_blocked_s"], 3),
-           blocked_s_second=round(rows[80]["train/checkpoint_blocked_s"], 3),
-           waited_for_previous_s=round(rows[80]["train/checkpoint_waited_s"], 3),
-           step_s_after_save=round(rows[45]["train/step_s"], 4), step_s_steady=round(step_s, 4),
-           checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
-           command="python -m bench.bench_train")
+    report(
+        "train_throughput",
+        settings=label or "defaults",
+        tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
+        mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
+        step_s=round(step_s, 4),
+        peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+        batch="8x1024",
+        command="python -m bench.bench_train",
+    )
+    report(
+        "checkpoint_stall",
+        blocked_s_first=round(rows[40]["train/checkpoint_blocked_s"], 3),
+        blocked_s_second=round(rows[80]["train/checkpoint_blocked_s"], 3),
+        waited_for_previous_s=round(rows[80]["train/checkpoint_waited_s"], 3),
+        step_s_after_save=round(rows[45]["train/step_s"], 4),
+        step_s_steady=round(step_s, 4),
+        checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
+        command="python -m bench.bench_train",
+    )
 
 
 if __name__ == "__main__":

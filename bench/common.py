@@ -14,9 +14,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The shape of Qwen2.5-Math-1.5B (as in the team's baseline script): speed does not depend on weight values.
-QWEN15_CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                     num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
-                     rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151643, pad_token_id=151644)
+QWEN15_CONFIG = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    pad_token_id=151644,
+)
 
 
 def out_dir() -> Path:
@@ -61,8 +73,12 @@ def full_vocab_tokenizer(vocab_size: int):
                 break
             vocab.setdefault("".join(combo), len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOS, PAD])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
@@ -76,7 +92,9 @@ def make_qwen15_dir(path: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = full_vocab_tokenizer(QWEN15_CONFIG["vocab_size"])
-    cfg = dict(QWEN15_CONFIG, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = dict(
+        QWEN15_CONFIG, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
@@ -102,9 +120,13 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout
+        )
     if proc.returncode != 0:
         sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); log: {log}")

@@ -30,9 +30,17 @@ def main() -> int:
         loads = [r["load"] for r in results]
         acc = [r["metrics"]["accuracy"] for r in results]
         checks.append((">= 5 checkpoints evaluated", len(results) >= 5, f"{len(results)}"))
-        checks.append(("vLLM backend", all(r["backend"] == "vllm" for r in results), ", ".join(sorted({r["backend"] for r in results}))))
+        checks.append(
+            (
+                "vLLM backend",
+                all(r["backend"] == "vllm" for r in results),
+                ", ".join(sorted({r["backend"] for r in results})),
+            )
+        )
         checks.append(("one engine, weights swapped in place", loads.count("new-engine") == 1, ", ".join(loads)))
-        checks.append(("accuracy rises", len(acc) >= 2 and acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc)))
+        checks.append(
+            ("accuracy rises", len(acc) >= 2 and acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc))
+        )
     if not args.skip_tests:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=REPO)
         checks.append(("pytest -m gpu", proc.returncode == 0, f"exit {proc.returncode}"))

@@ -38,8 +38,11 @@ def baseline(mode: str, gpu: int) -> None:
 
 
 def gpu1_busy() -> bool:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(EVAL_GPU)],
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(EVAL_GPU)],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return out.isdigit() and int(out) > 50
 
 
@@ -47,7 +50,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["train", "eval", "interference", "grader", "all"], default="all")
     args = parser.parse_args()
-    parts = [args.part] if args.part != "all" else (["grader", "train", "eval", "interference"] if physical_gpu_count() >= 2 else ["grader"])
+    parts = (
+        [args.part]
+        if args.part != "all"
+        else (["grader", "train", "eval", "interference"] if physical_gpu_count() >= 2 else ["grader"])
+    )
     py = sys.executable
     for part in parts:
         if part == "grader":
@@ -55,22 +62,38 @@ def main() -> None:
         elif part == "train":
             baseline("train", TRAIN_GPU)
             run([py, "-m", "bench.bench_train"], out_dir() / "bench_train.log", env=on_gpu(TRAIN_GPU))
-            run([py, "-m", "bench.bench_train", "--tag", "alone"], out_dir() / "bench_train_alone.log", env=on_gpu(TRAIN_GPU))
+            run(
+                [py, "-m", "bench.bench_train", "--tag", "alone"],
+                out_dir() / "bench_train_alone.log",
+                env=on_gpu(TRAIN_GPU),
+            )
             baseline("hfgen", TRAIN_GPU)
         elif part == "eval":
             baseline("vllm", EVAL_GPU)
             run([py, "-m", "bench.bench_eval", "throughput"], out_dir() / "bench_eval.log", env=on_gpu(EVAL_GPU))
-            run([py, "-m", "bench.bench_eval", "latency", "--num", "100"], out_dir() / "latency100.log", env=on_gpu(EVAL_GPU))
+            run(
+                [py, "-m", "bench.bench_eval", "latency", "--num", "100"],
+                out_dir() / "latency100.log",
+                env=on_gpu(EVAL_GPU),
+            )
         elif part == "interference":
             log = open(out_dir() / "latency5000.log", "w")
-            evaluator = subprocess.Popen([py, "-m", "bench.bench_eval", "latency", "--num", "5000", "--checkpoints", "1"],
-                                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **on_gpu(EVAL_GPU)})
+            evaluator = subprocess.Popen(
+                [py, "-m", "bench.bench_eval", "latency", "--num", "5000", "--checkpoints", "1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **on_gpu(EVAL_GPU)},
+            )
             deadline = time.monotonic() + 300
             while not gpu1_busy():  # wait until the evaluator is generating, not starting up
                 if evaluator.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("the evaluator never got busy on GPU 1")
                 time.sleep(1)
-            run([py, "-m", "bench.bench_train", "--tag", "with_evaluator_busy"], out_dir() / "bench_train_busy.log", env=on_gpu(TRAIN_GPU))
+            run(
+                [py, "-m", "bench.bench_train", "--tag", "with_evaluator_busy"],
+                out_dir() / "bench_train_busy.log",
+                env=on_gpu(TRAIN_GPU),
+            )
             still_busy = evaluator.poll() is None
             print(f"evaluator still generating when the trainer finished: {still_busy}", flush=True)
             if evaluator.wait() != 0:

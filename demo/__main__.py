@@ -49,8 +49,11 @@ def _print_progress(log_path: Path, max_steps: int, done: threading.Event, every
             last = json.loads(log_path.read_text().splitlines()[-1])
         except (OSError, IndexError, ValueError):
             continue
-        print(f"[train] step {last['train_step']}/{max_steps}  loss {last['train/loss']:.4f}  "
-              f"lr {last['train/lr']:.2e}  {last['train/tokens_per_s']:.0f} tok/s", flush=True)
+        print(
+            f"[train] step {last['train_step']}/{max_steps}  loss {last['train/loss']:.4f}  "
+            f"lr {last['train/lr']:.2e}  {last['train/tokens_per_s']:.0f} tok/s",
+            flush=True,
+        )
 
 
 def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, list[dict]]:
@@ -61,12 +64,16 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     layout = RunLayout(cfg.run_dir)
     config_args = (["--config", config] if config else []) + overrides
     t0 = time.perf_counter()
-    print(f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every}; "
-          f"evaluation on {cfg.evaluation.num_samples} held-out problems")
+    print(
+        f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every}; "
+        f"evaluation on {cfg.evaluation.num_samples} held-out problems"
+    )
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     evaluator = _start("eval", [sys.executable, "-m", "evaluator", *config_args], env)
     done = threading.Event()
-    progress = threading.Thread(target=_print_progress, args=(layout.run_dir / "train_log.jsonl", cfg.training.max_steps, done), daemon=True)
+    progress = threading.Thread(
+        target=_print_progress, args=(layout.run_dir / "train_log.jsonl", cfg.training.max_steps, done), daemon=True
+    )
     try:
         trainer = _start("train", [sys.executable, "-m", "trainer", *config_args], env)
         progress.start()

@@ -1,8 +1,8 @@
 """`python -m evaluator`: evaluate a run's checkpoints as they are published.
 
-    python -m evaluator [--config C] [key=value ...]          watch the config's run (Ctrl-C to stop)
-    python -m evaluator --run runs/x [--once]                 a given run; --once: what is there, then exit
-    python -m evaluator --ckpt runs/x/checkpoints/step_N      one checkpoint (or any model folder), then exit
+python -m evaluator [--config C] [key=value ...]          watch the config's run (Ctrl-C to stop)
+python -m evaluator --run runs/x [--once]                 a given run; --once: what is there, then exit
+python -m evaluator --ckpt runs/x/checkpoints/step_N      one checkpoint (or any model folder), then exit
 """
 
 from __future__ import annotations
@@ -28,12 +28,24 @@ def _config_path(args) -> Path | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: the run's saved config, else config/default.yaml)")
-    parser.add_argument("--run", default=None, help="run directory to evaluate (default: the config's runs_dir/run_name)")
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: the run's saved config, else config/default.yaml)"
+    )
+    parser.add_argument(
+        "--run", default=None, help="run directory to evaluate (default: the config's runs_dir/run_name)"
+    )
     parser.add_argument("--ckpt", default=None, help="evaluate this one checkpoint or model folder and exit")
-    parser.add_argument("--out", default=None, help="with --ckpt: where to write results (default: the run's eval folder, or beside the folder)")
-    parser.add_argument("--once", action="store_true", help="evaluate every checkpoint not yet evaluated, oldest first, then exit")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="with --ckpt: where to write results (default: the run's eval folder, or beside the folder)",
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="evaluate every checkpoint not yet evaluated, oldest first, then exit"
+    )
     parser.add_argument("--force", action="store_true", help="evaluate again checkpoints that already have results")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluation.num_samples=500")
@@ -44,10 +56,20 @@ def main() -> int:
     if args.ckpt and not Path(args.ckpt).is_dir():
         raise UsageError(f"--ckpt {args.ckpt}: no such directory")
     run_dir = Path(args.run) if args.run else cfg.run_dir
-    print(f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}")
+    print(
+        f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}"
+    )
 
     from evaluator.backends import EngineError, make_backend
-    from evaluator.service import Evaluator, Stop, check_run_dir, evaluate_folder, install_stop_handlers, results_dir_for, serve_run
+    from evaluator.service import (
+        Evaluator,
+        Stop,
+        check_run_dir,
+        evaluate_folder,
+        install_stop_handlers,
+        results_dir_for,
+        serve_run,
+    )
     from shared.tracking import Tracker
 
     install_stop_handlers()
@@ -84,6 +106,7 @@ def main() -> int:
             evaluator.close()
         if tracker is not None:
             tracker.finish()
+
 
 if __name__ == "__main__":
     run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError, ValueError))

@@ -83,14 +83,22 @@ class HFBackend:
                 missing, unexpected = self.model.load_state_dict(state, strict=False)
                 real_missing = [m for m in missing if m not in tied_weight_names(self.model)]
                 if real_missing or unexpected:
-                    raise EngineError(f"{ckpt_dir}: weights do not match the loaded model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+                    raise EngineError(
+                        f"{ckpt_dir}: weights do not match the loaded model (missing {real_missing[:3]}, unexpected {unexpected[:3]})"
+                    )
                 return "in-place"
-            self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=self.trust_remote_code, padding_side="left")
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                ckpt_dir, trust_remote_code=self.trust_remote_code, padding_side="left"
+            )
             if self.tokenizer.pad_token is None:  # batched generation pads; many base models define no pad token
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.model = AutoModelForCausalLM.from_pretrained(
-                ckpt_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
-            ).to(self.device).eval()
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(
+                    ckpt_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
+                )
+                .to(self.device)
+                .eval()
+            )
             self.signature = signature
             return "new-engine"
         except EngineError:
@@ -105,7 +113,11 @@ class HFBackend:
 
         cfg, tok = self.cfg, self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+            if cfg.temperature > 0
+            else dict(do_sample=False)
+        )
         torch.manual_seed(cfg.seed)
         results = []
         for i in range(0, len(prompts), cfg.hf_batch_size):
@@ -113,8 +125,13 @@ class HFBackend:
             enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             with torch.no_grad():
                 out = self.model.generate(
-                    **enc, max_new_tokens=cfg.max_tokens, stop_strings=cfg.stop or None, tokenizer=tok,
-                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id, **sampling,
+                    **enc,
+                    max_new_tokens=cfg.max_tokens,
+                    stop_strings=cfg.stop or None,
+                    tokenizer=tok,
+                    pad_token_id=pad_id,
+                    eos_token_id=tok.eos_token_id,
+                    **sampling,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             for row in new:
@@ -128,7 +145,9 @@ class HFBackend:
                 else:
                     ended = False
                 text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), cfg.stop)
-                results.append(Generation(text, len(ids), truncated=not (stopped or ended) and len(ids) >= cfg.max_tokens))
+                results.append(
+                    Generation(text, len(ids), truncated=not (stopped or ended) and len(ids) >= cfg.max_tokens)
+                )
             if progress:
                 progress(len(batch))
         return results
@@ -173,10 +192,14 @@ class VLLMBackend:
         try:
             import vllm
         except ImportError as exc:
-            raise EngineError(f"evaluation.backend=vllm but vLLM cannot be imported ({exc}); install the 'vllm' extra or use backend=hf") from None
+            raise EngineError(
+                f"evaluation.backend=vllm but vLLM cannot be imported ({exc}); install the 'vllm' extra or use backend=hf"
+            ) from None
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
-            raise EngineError(f"vLLM {vllm.__version__} is not supported (supported: {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); "
-                              "its in-place weight reload differs between versions")
+            raise EngineError(
+                f"vLLM {vllm.__version__} is not supported (supported: {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); "
+                "its in-place weight reload differs between versions"
+            )
         self.vllm = vllm
         self.cfg = cfg
         self.trust_remote_code = trust_remote_code
@@ -201,10 +224,16 @@ class VLLMBackend:
                 return "in-place"
             self.close()
             self.llm = self.vllm.LLM(
-                model=str(ckpt_dir), tokenizer=str(ckpt_dir), dtype="bfloat16", seed=self.cfg.seed,
-                gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_model_len=self._max_model_len(ckpt_dir),
-                tensor_parallel_size=self.num_gpus, trust_remote_code=self.trust_remote_code,
-                enable_prefix_caching=True, load_format="safetensors",
+                model=str(ckpt_dir),
+                tokenizer=str(ckpt_dir),
+                dtype="bfloat16",
+                seed=self.cfg.seed,
+                gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                max_model_len=self._max_model_len(ckpt_dir),
+                tensor_parallel_size=self.num_gpus,
+                trust_remote_code=self.trust_remote_code,
+                enable_prefix_caching=True,
+                load_format="safetensors",
             )
             self.signature = signature
             return "new-engine"
@@ -218,13 +247,21 @@ class VLLMBackend:
         cfg = self.cfg
         # No per-request seed: vLLM samples seeded requests with one generator each, a slower path
         # for large batches. The engine is seeded once (LLM(seed=...)) instead.
-        params = self.vllm.SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                          stop=cfg.stop or None, include_stop_str_in_output=True)
+        params = self.vllm.SamplingParams(
+            n=1,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            stop=cfg.stop or None,
+            include_stop_str_in_output=True,
+        )
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
             self.close()  # the next checkpoint starts a fresh engine
-            raise EngineError(f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted") from exc
+            raise EngineError(
+                f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted"
+            ) from exc
         if progress:
             progress(len(prompts))
         results = []
@@ -237,7 +274,9 @@ class VLLMBackend:
     def fingerprint(self, prompt: str) -> list[float]:
         tok = self.llm.get_tokenizer()
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        out = self.llm.generate([{"prompt_token_ids": ids}], self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        out = self.llm.generate(
+            [{"prompt_token_ids": ids}], self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
         return [round(float(d[t].logprob), 6) for d, t in zip(out.prompt_logprobs[1:33], ids[1:33])]
 
     def close(self) -> None:

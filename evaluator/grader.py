@@ -87,7 +87,9 @@ _UNIT_WORDS = (
     "dollars?|cents?|units?|sq|square|cubic|degrees?|deg|mph|kph|percent|points?|people|persons?|students?|"
     "apples?|books?|coins?|cards?|pens?|shells?|stamps?|marbles?|items?|pieces?|times|ways"
 )
-_TRAILING_UNIT = re.compile(rf"^(.*?\d[\d.,/]*)\s*(?:\\(?:text|mbox|mathrm)\{{\s*)?(?:{_UNIT_WORDS})(?:\^?\{{?[23]\}}?)?\s*\}}?\.?$")
+_TRAILING_UNIT = re.compile(
+    rf"^(.*?\d[\d.,/]*)\s*(?:\\(?:text|mbox|mathrm)\{{\s*)?(?:{_UNIT_WORDS})(?:\^?\{{?[23]\}}?)?\s*\}}?\.?$"
+)
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|operatorname)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _THOUSANDS_LATEX = re.compile(r"^[-+]?\d{1,3}(?:\{,\}\d{3})+(?:\.\d+)?$")
@@ -100,19 +102,74 @@ _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _SIMPLE_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{?(\d+)\}?\{?(\d+)\}?$|^([-+]?)(\d+)/(\d+)$")
 
 
-_UNICODE_FRACTIONS = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4), "\u2155": (1, 5),
-                      "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6), "\u215a": (5, 6), "\u215b": (1, 8),
-                      "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
-_UNICODE_SYMBOLS = {"\u2212": "-", "\u2013": "-", "\u00b0": "^\\circ", "\u03c0": "\\pi", "\u221e": "\\infty", "\u00d7": "\\times ",
-                    "\u22c5": "\\cdot ", "\u00b7": "\\cdot ", "\u00f7": "\\div ", "\u2264": "\\le ", "\u2265": "\\ge ",
-                    "\u2260": "\\ne ", "\u222a": "\\cup ", "\u2229": "\\cap "}
+_UNICODE_FRACTIONS = {
+    "\u00bd": (1, 2),
+    "\u2153": (1, 3),
+    "\u2154": (2, 3),
+    "\u00bc": (1, 4),
+    "\u00be": (3, 4),
+    "\u2155": (1, 5),
+    "\u2156": (2, 5),
+    "\u2157": (3, 5),
+    "\u2158": (4, 5),
+    "\u2159": (1, 6),
+    "\u215a": (5, 6),
+    "\u215b": (1, 8),
+    "\u215c": (3, 8),
+    "\u215d": (5, 8),
+    "\u215e": (7, 8),
+}
+_UNICODE_SYMBOLS = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "\u00b0": "^\\circ",
+    "\u03c0": "\\pi",
+    "\u221e": "\\infty",
+    "\u00d7": "\\times ",
+    "\u22c5": "\\cdot ",
+    "\u00b7": "\\cdot ",
+    "\u00f7": "\\div ",
+    "\u2264": "\\le ",
+    "\u2265": "\\ge ",
+    "\u2260": "\\ne ",
+    "\u222a": "\\cup ",
+    "\u2229": "\\cap ",
+}
 _SUPERSCRIPTS = str.maketrans("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b", "0123456789-")
 _UNICODE_ROOT = re.compile("([\u221a\u221b])\\s*(\\d+(?:\\.\\d+)?|[a-zA-Z]|\\([^()]*\\)|\\{[^{}]*\\})")
 _UNICODE_POWER = re.compile("([\u2070\u00b9\u00b2\u00b3\u2074-\u2079\u207b]+)")
 _REPEATING = re.compile(r"^([-+]?)(\d*)\.(\d*)\\overline\{(\d+)\}$")
 _NUMBER_THEN_WORDS = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]+(?:\s+[A-Za-z]+){0,2})\.?$")
-_NOT_A_UNIT = {"and", "or", "to", "through", "minus", "plus", "over", "divided", "by", "times", "squared", "cubed", "i", "pi", "e",
-               "x", "y", "z", "n", "k", "sqrt", "dozen", "hundred", "thousand", "million", "billion", "half", "percent"}
+_NOT_A_UNIT = {
+    "and",
+    "or",
+    "to",
+    "through",
+    "minus",
+    "plus",
+    "over",
+    "divided",
+    "by",
+    "times",
+    "squared",
+    "cubed",
+    "i",
+    "pi",
+    "e",
+    "x",
+    "y",
+    "z",
+    "n",
+    "k",
+    "sqrt",
+    "dozen",
+    "hundred",
+    "thousand",
+    "million",
+    "billion",
+    "half",
+    "percent",
+}
 _VARIABLE = r"[a-zA-Z]"
 _BOUND = r"(-?\s*(?:\\infty|\d+(?:\.\d+)?|\\frac\{[^{}]+\}\{[^{}]+\}|\\sqrt\{[^{}]+\}|\\pi|[\d.]+/[\d.]+))"
 _LESS = r"(<|\\lt|\\le|\\leq|\\leqslant)"
@@ -126,7 +183,9 @@ def _rewrite_unicode(s: str) -> str:
     for ch, (num, den) in _UNICODE_FRACTIONS.items():
         s = re.sub(rf"(\d)\s*{ch}", rf"\1+\\frac{{{num}}}{{{den}}}", s)  # 1\u00bd is one and a half
         s = s.replace(ch, f"\\frac{{{num}}}{{{den}}}")
-    s = _UNICODE_ROOT.sub(lambda m: ("\\sqrt{" if m.group(1) == "\u221a" else "\\sqrt[3]{") + m.group(2).strip("(){}") + "}", s)
+    s = _UNICODE_ROOT.sub(
+        lambda m: ("\\sqrt{" if m.group(1) == "\u221a" else "\\sqrt[3]{") + m.group(2).strip("(){}") + "}", s
+    )
     s = _UNICODE_POWER.sub(lambda m: "^{" + m.group(1).translate(_SUPERSCRIPTS) + "}", s)
     for ch, latex in _UNICODE_SYMBOLS.items():
         s = s.replace(ch, latex)
@@ -139,7 +198,11 @@ def _repeating_decimal(s: str) -> str:
     if not m:
         return s
     sign, whole, fixed, period = m.groups()
-    value = Fraction(int(whole or 0)) + Fraction(int(fixed or 0), 10 ** len(fixed)) + Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+    value = (
+        Fraction(int(whole or 0))
+        + Fraction(int(fixed or 0), 10 ** len(fixed))
+        + Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+    )
     value = -value if sign == "-" else value
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}" if value.denominator != 1 else str(value.numerator)
 
@@ -160,12 +223,18 @@ def _inequality_as_interval(s: str) -> str:
     m = _TWO_SIDED.match(compact)
     if m:
         low, first, second, high = m.groups()
-        return ("[" if first in _CLOSED else "(") + low.replace(" ", "") + "," + high.replace(" ", "") + ("]" if second in _CLOSED else ")")
+        return (
+            ("[" if first in _CLOSED else "(")
+            + low.replace(" ", "")
+            + ","
+            + high.replace(" ", "")
+            + ("]" if second in _CLOSED else ")")
+        )
     return s
 
 
 def _strip_counted_noun(s: str) -> str:
-    """"6 cookies" -> 6: a number followed by one to three plain words that are not maths ("5 or 6" stays)."""
+    """ "6 cookies" -> 6: a number followed by one to three plain words that are not maths ("5 or 6" stays)."""
     m = _NUMBER_THEN_WORDS.match(s)
     if m and not any(word.lower() in _NOT_A_UNIT for word in m.group(2).split()):
         return m.group(1)
@@ -174,7 +243,11 @@ def _strip_counted_noun(s: str) -> str:
 
 def normalize(answer: str) -> str:
     s = _rewrite_unicode(answer.strip())
-    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?=[\s(\[\]{}|.)\\])\s*\\?\.?", "", s) if "\\left" in s or "\\right" in s or "\\big" in s.lower() else s
+    s = (
+        re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?=[\s(\[\]{}|.)\\])\s*\\?\.?", "", s)
+        if "\\left" in s or "\\right" in s or "\\big" in s.lower()
+        else s
+    )
     s = re.sub(r"\\,|\\ |~|\s", "", s) if _SPACED_THOUSANDS.match(s) else re.sub(r"(?<!\\)\\[,!;:> ]|\\q?quad", "", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
     s = s.strip().strip("$").strip()
@@ -252,7 +325,8 @@ def answers_equivalent(pred: str, gold: str) -> bool:
     if p == g:
         return True
     pn, gn = _as_number(p), _as_number(g)
-    # "6 cookies" against 6: the words count the number. Only against a bare number ("5 heads" vs "5 tails" stays wrong).
+    # "6 cookies" against 6: the words count the number. Only against a bare number ("5 heads" vs "5 tails"
+    # stays wrong).
     if pn is None and gn is not None:
         pn = _as_number(_strip_counted_noun(p).replace(",", ""))
     elif gn is None and pn is not None:
@@ -365,8 +439,14 @@ class _Worker:
     def __init__(self, timeout_s: float):
         self.stderr = tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "evaluator.grader", "--worker", repr(timeout_s)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evaluator.grader", "--worker", repr(timeout_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=env,
+            start_new_session=True,
+        )
         self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
         self.recv_conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
         self.proc.stdin.close()
@@ -402,7 +482,9 @@ class GraderPool:
         self._workers: list[_Worker] = [_Worker(timeout_s) for _ in range(self.num_workers)]
         self._lock = threading.Lock()
 
-    def grade(self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, float]], dict[str, int]]:
+    def grade(
+        self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None = None
+    ) -> tuple[list[dict[str, float]], dict[str, int]]:
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         with self._lock:

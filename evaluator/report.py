@@ -22,7 +22,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'step':>8}  {'accuracy':>8}  {'format':>6}  {'answer acc':>10}  {'seconds':>7}"]
     for r in results:
         m = r["metrics"]
-        lines.append(f"{r['step']:>8}  {m['accuracy']:>8.3f}  {m['format_rate']:>6.3f}  {m['answer_accuracy']:>10.3f}  {r['timings_s']['total']:>7.2f}")
+        lines.append(
+            f"{r['step']:>8}  {m['accuracy']:>8.3f}  {m['format_rate']:>6.3f}  {m['answer_accuracy']:>10.3f}  {r['timings_s']['total']:>7.2f}"
+        )
     return "\n".join(lines)
 
 

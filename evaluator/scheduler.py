@@ -36,12 +36,25 @@ class Claim:
 
 
 def _running_claim(weights: str | None, attempts: int) -> dict[str, Any]:
-    return {"status": Status.RUNNING, "owner": current_owner(), "attempts": attempts, "time": time.time(), "weights_id": weights}
+    return {
+        "status": Status.RUNNING,
+        "owner": current_owner(),
+        "attempts": attempts,
+        "time": time.time(),
+        "weights_id": weights,
+    }
 
 
-def claim_next(ledger: Ledger, ready: dict[int, str | None], *, alive: Callable[[dict[str, Any]], bool], backfill: bool,
-               newest_first: bool, force: frozenset[int] = frozenset(),
-               is_ready: Callable[[int], bool] = lambda step: True) -> Claim | None:
+def claim_next(
+    ledger: Ledger,
+    ready: dict[int, str | None],
+    *,
+    alive: Callable[[dict[str, Any]], bool],
+    backfill: bool,
+    newest_first: bool,
+    force: frozenset[int] = frozenset(),
+    is_ready: Callable[[int], bool] = lambda step: True,
+) -> Claim | None:
     """Pick the next step among `ready` ({step: weights_id}) and mark it running, atomically.
 
     Watching (newest_first): an interrupted or given-back step first, then the newest unseen step;
@@ -72,8 +85,12 @@ def claim_next(ledger: Ledger, ready: dict[int, str | None], *, alive: Callable[
                 pending.append(step)
         for step in [s for s in interrupted if entries[s].get("attempts", 1) >= MAX_ATTEMPTS]:
             interrupted.remove(step)
-            entries[step] = {**entries[step], "status": Status.FAILED, "time": time.time(),
-                             "reason": f"evaluator died {MAX_ATTEMPTS} times while evaluating it"}
+            entries[step] = {
+                **entries[step],
+                "status": Status.FAILED,
+                "time": time.time(),
+                "reason": f"evaluator died {MAX_ATTEMPTS} times while evaluating it",
+            }
         passed_over: dict[int, str] = {}
         if interrupted:
             choice, was_interrupted = min(interrupted), True
@@ -87,8 +104,12 @@ def claim_next(ledger: Ledger, ready: dict[int, str | None], *, alive: Callable[
             for older in unseen:
                 if older < choice:
                     passed_over[older] = Status.PENDING if backfill else Status.SKIPPED
-                    entries[older] = {"status": passed_over[older], "time": time.time(), "weights_id": ready[older],
-                                      "reason": f"passed over for newer step {choice}"}
+                    entries[older] = {
+                        "status": passed_over[older],
+                        "time": time.time(),
+                        "weights_id": ready[older],
+                        "reason": f"passed over for newer step {choice}",
+                    }
         elif pending and backfill:
             choice, was_interrupted = max(pending), False
         else:
@@ -100,8 +121,9 @@ def claim_next(ledger: Ledger, ready: dict[int, str | None], *, alive: Callable[
     return ledger.update(pick)
 
 
-def claim_step(ledger: Ledger, step: int, weights: str | None, *, alive: Callable[[dict[str, Any]], bool],
-               force: bool) -> tuple[bool, str]:
+def claim_step(
+    ledger: Ledger, step: int, weights: str | None, *, alive: Callable[[dict[str, Any]], bool], force: bool
+) -> tuple[bool, str]:
     """Claim one given step (evaluating a folder after the fact). (claimed, why not): never over a live
     evaluator's claim; never over results of the same weights (unless force) or of other weights at
     that step (unless force: they are replaced)."""
@@ -109,13 +131,19 @@ def claim_step(ledger: Ledger, step: int, weights: str | None, *, alive: Callabl
     def pick(entries: dict[int, dict[str, Any]]) -> tuple[bool, str]:
         entry = entries.get(step)
         if entry is not None and entry["status"] == Status.RUNNING and alive(entry.get("owner", {})):
-            return False, f"step {step} is being evaluated right now by {entry['owner'].get('host')} pid {entry['owner'].get('pid')}"
+            return (
+                False,
+                f"step {step} is being evaluated right now by {entry['owner'].get('host')} "
+                f"pid {entry['owner'].get('pid')}",
+            )
         if entry is not None and entry["status"] == Status.DONE and not force:
             if entry.get("weights_id") == weights:
                 return False, "already evaluated"
-            return False, (f"{ledger.path.parent} already holds results for step {step} of other weights "
-                           f"({entry.get('weights_id')}, from {entry.get('checkpoint')}); these are {weights}: "
-                           "give another --out, or --force to replace them")
+            return False, (
+                f"{ledger.path.parent} already holds results for step {step} of other weights "
+                f"({entry.get('weights_id')}, from {entry.get('checkpoint')}); these are {weights}: "
+                "give another --out, or --force to replace them"
+            )
         entries[step] = _running_claim(weights, 1)
         return True, ""
 
@@ -128,7 +156,13 @@ def give_back(ledger: Ledger, step: int, owner_id: str) -> None:
     def apply(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step)
         if entry and entry["status"] == Status.RUNNING and entry.get("owner", {}).get("id") == owner_id:
-            entries[step] = {**entry, "status": Status.PENDING, "given_back": True, "time": time.time(),
-                             "attempts": max(0, entry.get("attempts", 1) - 1), "reason": "given back by a stopped evaluator"}
+            entries[step] = {
+                **entry,
+                "status": Status.PENDING,
+                "given_back": True,
+                "time": time.time(),
+                "attempts": max(0, entry.get("attempts", 1) - 1),
+                "reason": "given back by a stopped evaluator",
+            }
 
     ledger.update(apply)

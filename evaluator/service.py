@@ -70,7 +70,9 @@ def stop_deferred():
             raise Stop()
 
 
-def compute_metrics(examples: list[Example], generations: list[Generation], rewards: list[dict[str, float]]) -> dict[str, float]:
+def compute_metrics(
+    examples: list[Example], generations: list[Generation], rewards: list[dict[str, float]]
+) -> dict[str, float]:
     n = len(examples)
     formatted = [r for r in rewards if r["format_reward"] == 1.0]
     metrics = {
@@ -116,9 +118,11 @@ class Evaluator:
         t0 = time.perf_counter()
         how = self.backend.load(ckpt_dir)
         fingerprint = self.backend.fingerprint(self.prompts[0])
-        stale = (how == "in-place" and self.last_fingerprint == fingerprint and weights_id != self.last_weights_id)
+        stale = how == "in-place" and self.last_fingerprint == fingerprint and weights_id != self.last_weights_id
         if stale:
-            print(f"warning: {ckpt_dir}: outputs unchanged after an in-place reload of different weights; rebuilding the engine")
+            print(
+                f"warning: {ckpt_dir}: outputs unchanged after an in-place reload of different weights; rebuilding the engine"
+            )
             self.backend.close()
             how = self.backend.load(ckpt_dir)
             fingerprint = self.backend.fingerprint(self.prompts[0])
@@ -137,7 +141,9 @@ class Evaluator:
 
         t0 = time.perf_counter()
         with tqdm(total=len(self.prompts), desc=f"step {step} grade", leave=False, dynamic_ncols=True) as bar:
-            rewards, grader_stats = self.grader.grade([g.text for g in generations], [ex.answer for ex in self.examples], bar.update)
+            rewards, grader_stats = self.grader.grade(
+                [g.text for g in generations], [ex.answer for ex in self.examples], bar.update
+            )
         grade_s = time.perf_counter() - t0
 
         metrics = compute_metrics(self.examples, generations, rewards)
@@ -151,14 +157,32 @@ class Evaluator:
             "eval_name": ec.name,
             "backend": self.backend.name,
             "load": how,
-            "sampling": {"temperature": ec.temperature, "top_p": ec.top_p, "max_tokens": ec.max_tokens, "stop": ec.stop, "seed": ec.seed},
+            "sampling": {
+                "temperature": ec.temperature,
+                "top_p": ec.top_p,
+                "max_tokens": ec.max_tokens,
+                "stop": ec.stop,
+                "seed": ec.seed,
+            },
             "metrics": metrics,
-            "timings_s": {"reload": reload_s, "generation": generate_s, "grading": grade_s, "total": time.perf_counter() - t_start},
+            "timings_s": {
+                "reload": reload_s,
+                "generation": generate_s,
+                "grading": grade_s,
+                "total": time.perf_counter() - t_start,
+            },
             "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
             "time": time.time(),
         }
         samples = [
-            {"prompt": p, "response": g.text, "ground_truth": ex.answer, "num_tokens": g.num_tokens, "truncated": g.truncated, **r}
+            {
+                "prompt": p,
+                "response": g.text,
+                "ground_truth": ex.answer,
+                "num_tokens": g.num_tokens,
+                "truncated": g.truncated,
+                **r,
+            }
             for p, g, ex, r in zip(self.prompts, generations, self.examples, rewards)
         ]
         return result, samples
@@ -168,18 +192,31 @@ class Evaluator:
     def log(self, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
         if self.tracker is None:
             return
-        self.tracker.log({"train_step": result["step"], "eval/weights_id": result["weights_id"], **{f"eval/{k}": v for k, v in result["metrics"].items()},
-                          **{f"eval/time_{k}_s": v for k, v in result["timings_s"].items()}})
+        self.tracker.log(
+            {
+                "train_step": result["step"],
+                "eval/weights_id": result["weights_id"],
+                **{f"eval/{k}": v for k, v in result["metrics"].items()},
+                **{f"eval/time_{k}_s": v for k, v in result["timings_s"].items()},
+            }
+        )
         if samples:
-            rows = [[s["prompt"][-200:], s["response"], s["ground_truth"], s["reward"]] for s in samples[: self.cfg.evaluation.num_logged_samples]]
-            self.tracker.log_table("eval/samples", ["prompt (end)", "response", "ground_truth", "reward"], rows, result["step"])
+            rows = [
+                [s["prompt"][-200:], s["response"], s["ground_truth"], s["reward"]]
+                for s in samples[: self.cfg.evaluation.num_logged_samples]
+            ]
+            self.tracker.log_table(
+                "eval/samples", ["prompt (end)", "response", "ground_truth", "reward"], rows, result["step"]
+            )
 
 
 def summary_line(result: dict[str, Any]) -> str:
     m, t = result["metrics"], result["timings_s"]
-    return (f"step {result['step']:>8}: accuracy {m['accuracy']:.3f}  format {m['format_rate']:.3f}  "
-            f"answer {m['answer_accuracy']:.3f}  len {m['mean_response_tokens']:.1f}  trunc {m['truncation_rate']:.2f}  "
-            f"({t['total']:.1f}s: reload {t['reload']:.2f}s [{result['load']}], generate {t['generation']:.1f}s, grade {t['grading']:.1f}s)")
+    return (
+        f"step {result['step']:>8}: accuracy {m['accuracy']:.3f}  format {m['format_rate']:.3f}  "
+        f"answer {m['answer_accuracy']:.3f}  len {m['mean_response_tokens']:.1f}  trunc {m['truncation_rate']:.2f}  "
+        f"({t['total']:.1f}s: reload {t['reload']:.2f}s [{result['load']}], generate {t['generation']:.1f}s, grade {t['grading']:.1f}s)"
+    )
 
 
 def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
@@ -202,7 +239,9 @@ def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], 
 # as far as W&B's files on this machine tell (where they cannot be read, at least once, never lost).
 
 
-def _record(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+def _record(
+    ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]]
+) -> None:
     eval_dir = ledger.path.parent
     result_path = eval_dir / f"{step_dirname(step)}.json"
     me = evaluator.owner_id
@@ -210,11 +249,21 @@ def _record(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, A
     def commit(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step, {})
         if entry.get("status") != Status.RUNNING or entry.get("owner", {}).get("id") != me:
-            raise ClaimLost(f"step {step}: result discarded: this evaluator no longer holds the step "
-                            f"(now {entry.get('status', 'unclaimed')}; its heartbeat went stale and another evaluator took it)")
+            raise ClaimLost(
+                f"step {step}: result discarded: this evaluator no longer holds the step "
+                f"(now {entry.get('status', 'unclaimed')}; its heartbeat went stale and another evaluator took it)"
+            )
         write_result(result_path, eval_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
-        entries[step] = {"status": Status.DONE, "time": time.time(), "weights_id": result["weights_id"], "attempts": entry.get("attempts", 1),
-                         "checkpoint": result["checkpoint"], "result": str(result_path), "logged": False, "log_owner": entry["owner"]}
+        entries[step] = {
+            "status": Status.DONE,
+            "time": time.time(),
+            "weights_id": result["weights_id"],
+            "attempts": entry.get("attempts", 1),
+            "checkpoint": result["checkpoint"],
+            "result": str(result_path),
+            "logged": False,
+            "log_owner": entry["owner"],
+        }
 
     with stop_deferred():
         ledger.update(commit)
@@ -235,11 +284,16 @@ def _record_failure(ledger: Ledger, evaluator: Evaluator, step: int, reason: str
         print(f"step {step}: failure not recorded (this evaluator no longer holds the step): {reason}")
 
 
-def _log_once(ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
+def _log_once(
+    ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]] | None
+) -> None:
     def still_mine(entries: dict[int, dict[str, Any]]) -> bool:
         entry = entries.get(step) or {}
-        return entry.get("status") == Status.DONE and not entry.get("logged") and \
-            entry.get("log_owner", {}).get("id") == evaluator.owner_id
+        return (
+            entry.get("status") == Status.DONE
+            and not entry.get("logged")
+            and entry.get("log_owner", {}).get("id") == evaluator.owner_id
+        )
 
     if not ledger.update(still_mine):  # frozen meanwhile, and another evaluator took the logging over
         print(f"step {step}: not logged here: another evaluator took over logging it")
@@ -276,8 +330,9 @@ def _relog_unlogged(layout: RunLayout, ledger: Ledger, evaluator: Evaluator) -> 
     in_wandb = evaluator.tracker.logged_rows() if taken and evaluator.tracker is not None else None
     for step in taken:
         result = json.loads((ledger.path.parent / f"{step_dirname(step)}.json").read_text())
-        if in_wandb is not None and any(row.get("train_step") == step and row.get("eval/weights_id") == result["weights_id"]
-                                        for row in in_wandb):
+        if in_wandb is not None and any(
+            row.get("train_step") == step and row.get("eval/weights_id") == result["weights_id"] for row in in_wandb
+        ):
             # It died after W&B wrote the row, before the ledger said so: mark it, do not log it twice.
             print(f"step {step}: already in W&B's files; marked logged")
             _mark_logged(ledger, step, result["weights_id"])
@@ -306,15 +361,19 @@ def check_run_dir(run_dir: Path) -> RunLayout:
     """A run folder is one the trainer made: it has its config or its checkpoints folder."""
     layout = RunLayout(run_dir)
     if not layout.config_path.is_file() and not layout.checkpoints_dir.is_dir():
-        raise CheckpointInvalid(f"{run_dir}: not a run folder (no config.yaml and no checkpoints/); "
-                                "start the trainer first, or check the path")
+        raise CheckpointInvalid(
+            f"{run_dir}: not a run folder (no config.yaml and no checkpoints/); "
+            "start the trainer first, or check the path"
+        )
     return layout
 
 
 def serve_run(cfg: Config, layout: RunLayout, evaluator: Evaluator, *, once: bool, force: bool) -> int:
     ec = cfg.evaluation
     ledger = Ledger(layout.eval_dir(ec.name))
-    presence = Presence(layout, ec.name, watching=not once, backfill=ec.backfill, timeout_s=ec.heartbeat_timeout_s).start()
+    presence = Presence(
+        layout, ec.name, watching=not once, backfill=ec.backfill, timeout_s=ec.heartbeat_timeout_s
+    ).start()
     alive = _alive_fn(layout, evaluator)
     watcher = None
     counts = {"evaluated": 0, "failed": 0}
@@ -327,12 +386,21 @@ def serve_run(cfg: Config, layout: RunLayout, evaluator: Evaluator, *, once: boo
             print(f"evaluator: watching {layout.checkpoints_dir} ({watcher.kind}; rescan every {ec.rescan_s:g}s)")
         while True:
             ready = ready_weights_ids(layout.checkpoints_dir)
-            claim = claim_next(ledger, ready, alive=alive, backfill=ec.backfill, newest_first=not once, force=forced,
-                               is_ready=lambda step: (layout.checkpoint_dir(step) / READY).exists())
+            claim = claim_next(
+                ledger,
+                ready,
+                alive=alive,
+                backfill=ec.backfill,
+                newest_first=not once,
+                force=forced,
+                is_ready=lambda step: (layout.checkpoint_dir(step) / READY).exists(),
+            )
             if claim is None:
                 if once:
-                    print(f"evaluator: {layout.run_dir}: {summarize(ledger, ready)}; evaluated {counts['evaluated']} now, "
-                          f"{counts['failed']} failed")
+                    print(
+                        f"evaluator: {layout.run_dir}: {summarize(ledger, ready)}; "
+                        f"evaluated {counts['evaluated']} now, {counts['failed']} failed"
+                    )
                     return 0
                 watcher.wait(ec.rescan_s)
                 continue
@@ -363,8 +431,9 @@ def summarize(ledger: Ledger, ready: dict[int, str]) -> str:
     return f"{len(ready)} checkpoint(s) on disk; ledger: {parts or 'empty'}"
 
 
-def _evaluate_claimed(layout: RunLayout, ledger: Ledger, evaluator: Evaluator, presence: Presence, step: int,
-                      weights: str | None) -> bool:
+def _evaluate_claimed(
+    layout: RunLayout, ledger: Ledger, evaluator: Evaluator, presence: Presence, step: int, weights: str | None
+) -> bool:
     """Evaluate a claimed step and record the outcome; True if results were recorded."""
     ckpt_dir = layout.checkpoint_dir(step)
     try:
@@ -434,7 +503,11 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
         print(f"warning: {ckpt_dir} has no {READY} manifest: its integrity cannot be checked")
         step, weights = parse_step(ckpt_dir.name) or 0, folder_weights_id(ckpt_dir)
     run = _run_of(ckpt_dir) if published else None
-    presence = Presence(run, None, watching=False, backfill=False, timeout_s=cfg.evaluation.heartbeat_timeout_s).start() if run else None
+    presence = (
+        Presence(run, None, watching=False, backfill=False, timeout_s=cfg.evaluation.heartbeat_timeout_s).start()
+        if run
+        else None
+    )
     ledger = Ledger(out_dir)
     try:
         claimed, why_not = claim_step(ledger, step, weights, alive=_alive_fn(run, evaluator), force=force)
@@ -454,7 +527,12 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
             give_back(ledger, step, evaluator.owner_id)
             raise
         except Exception as exc:
-            _record_failure(ledger, evaluator, step, str(exc) if isinstance(exc, CheckpointInvalid) else f"{type(exc).__name__}: {exc}")
+            _record_failure(
+                ledger,
+                evaluator,
+                step,
+                str(exc) if isinstance(exc, CheckpointInvalid) else f"{type(exc).__name__}: {exc}",
+            )
             raise
         _record(ledger, evaluator, step, result, samples)
     finally:

@@ -24,8 +24,9 @@ from shared.protocol import READY, TMP_PREFIX
 # watch of the inner folder twice (its walk of the new folder and the inner folder's own event), gets the same
 # watch back from the kernel and warns. Harmless, but the warning names a temporary folder in our log, and
 # under `-W error` it would kill the observer's thread. Process-wide: the observer thread must see it too.
-warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning,
-                        module=r"watchdog\.")
+warnings.filterwarnings(
+    "ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning, module=r"watchdog\."
+)
 
 _WATCH_LIMIT_ERRNOS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}
 _READS = {EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE}
@@ -68,8 +69,10 @@ class CheckpointWatcher:
             except OSError as exc:
                 if exc.errno not in _WATCH_LIMIT_ERRNOS:
                     raise
-                print(f"warning: cannot watch {self.directory} with inotify ({exc.strerror}; "
-                      "raise fs.inotify.max_user_watches to fix): falling back to polling")
+                print(
+                    f"warning: cannot watch {self.directory} with inotify ({exc.strerror}; "
+                    "raise fs.inotify.max_user_watches to fix): falling back to polling"
+                )
         observer = PollingObserver(timeout=polling_interval_s)
         observer.schedule(_WakeHandler(self.wake), str(self.directory), recursive=True)
         observer.start()

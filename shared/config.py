@@ -71,11 +71,15 @@ class ModelConfig:
         if not self.path:
             raise ConfigError(f"{key}.path: must not be empty")
         if self.embedded_hidden_size % 64:
-            raise ConfigError(f"{key}.embedded_hidden_size: must be a multiple of 64 (head size), got {self.embedded_hidden_size}")
+            raise ConfigError(
+                f"{key}.embedded_hidden_size: must be a multiple of 64 (head size), got {self.embedded_hidden_size}"
+            )
         if self.embedded_num_layers < 1:
             raise ConfigError(f"{key}.embedded_num_layers: must be >= 1, got {self.embedded_num_layers}")
         if self.embedded_vocab_size < 300:
-            raise ConfigError(f"{key}.embedded_vocab_size: must be >= 300 (256 bytes + specials), got {self.embedded_vocab_size}")
+            raise ConfigError(
+                f"{key}.embedded_vocab_size: must be >= 300 (256 bytes + specials), got {self.embedded_vocab_size}"
+            )
 
 
 @dataclass
@@ -89,7 +93,7 @@ class TrainingConfig:
     batch_size: int = 32
     """Examples per optimizer step (global batch)."""
     micro_batch_size: int = 32
-    """Examples per forward/backward pass when not packing; batch_size / micro_batch_size = gradient accumulation steps."""
+    """Examples per forward/backward pass when not packing; batch_size / micro_batch_size = accumulation steps."""
     micro_batch_tokens: int | None = None
     """Padding-free packing: each forward pass takes whole examples, in data order, concatenated up to this many
     tokens (>= max_seq_len); attention never crosses examples. null = padded micro-batches of micro_batch_size.
@@ -138,18 +142,21 @@ class TrainingConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{key}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ConfigError(f"{key}.warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+            raise ConfigError(
+                f"{key}.warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}"
+            )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"{key}.adam_betas: must be two numbers in [0, 1), got {self.adam_betas}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"{key}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
         _positive_or_null(key, self, "keep_last", "num_threads", "micro_batch_tokens")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
-            raise ConfigError(f"{key}.micro_batch_tokens ({self.micro_batch_tokens}) must be >= {key}.max_seq_len "
-                              f"({self.max_seq_len}): an example is never split")
+            raise ConfigError(
+                f"{key}.micro_batch_tokens ({self.micro_batch_tokens}) must be >= {key}.max_seq_len "
+                f"({self.max_seq_len}): an example is never split"
+            )
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
-
 
 
 @dataclass
@@ -340,7 +347,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
-            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            hint = (
+                f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?"
+                if close
+                else f"; known keys: {', '.join(names)}"
+            )
             raise ConfigError(f"unknown key '{key}'{hint}")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
@@ -409,14 +420,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------------------
 # Resuming a run with another config
 
-RESUME_MAY_CHANGE = frozenset({
-    "training.max_steps", "training.eval_every", "training.keep_last", "training.log_every", "training.num_threads",
-    "training.gpus", "training.micro_batch_size", "model.trust_remote_code", "training.micro_batch_tokens",
-    "training.master_weights", "training.compile",
-})
-"""Keys that only extend or re-organise a run (how far, how often to save and log, how the same global batch
-is split into passes, how it is computed): they may change on resume, and each change is printed. Every other `model.`, `training.` or
-`prompt_template` key changes what the past steps meant (data, order, schedule, model) and may not."""
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "training.max_steps",
+        "training.eval_every",
+        "training.keep_last",
+        "training.log_every",
+        "training.num_threads",
+        "training.gpus",
+        "training.micro_batch_size",
+        "model.trust_remote_code",
+        "training.micro_batch_tokens",
+        "training.master_weights",
+        "training.compile",
+    }
+)
+"""Keys that only extend or re-organise a run (how far, how often to save and log, how the same global
+batch is split into passes, how it is computed): they may change on resume, and each change is printed.
+Every other `model.`, `training.` or `prompt_template` key changes what the past steps meant (data, order,
+schedule, model) and may not."""
 
 _RESUME_IGNORED_PREFIXES = ("evaluation.", "wandb.", "run_name", "runs_dir")
 
@@ -443,6 +465,8 @@ def resume_config_changes(saved: dict[str, Any], current: dict[str, Any], where:
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
     if refused:
-        raise ConfigError(f"cannot resume {where} with a changed {', '.join(refused)} (this changes what the trained steps "
-                          "meant); restore the old value(s), or start a new run with another run_name")
+        raise ConfigError(
+            f"cannot resume {where} with a changed {', '.join(refused)} (this changes what the trained steps "
+            "meant); restore the old value(s), or start a new run with another run_name"
+        )
     return allowed

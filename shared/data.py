@@ -125,7 +125,9 @@ def _from_math(record: dict[str, Any], where: str) -> Example:
     subject = record.get("type", record.get("subject"))
     level = record.get("level")
     category = " / ".join(str(x) for x in (subject, level) if x) or None
-    return Example(question=problem, response=r1_zero_response(solution, str(answer)), answer=str(answer), category=category)
+    return Example(
+        question=problem, response=r1_zero_response(solution, str(answer)), answer=str(answer), category=category
+    )
 
 
 def _from_gsm8k(record: dict[str, Any], where: str) -> Example:
@@ -195,9 +197,13 @@ def _read_hf(name: str, split: str, fmt: str, limit: int | None) -> list[Example
     try:
         import datasets
     except ImportError:
-        raise DataError(f"hf:{name}: reading a hub data set needs the 'datasets' package (pip install datasets)") from None
+        raise DataError(
+            f"hf:{name}: reading a hub data set needs the 'datasets' package (pip install datasets)"
+        ) from None
     rows = datasets.load_dataset(name, split=split)
-    return _to_examples(((f"hf:{name}[{split}] row {i}", r) for i, r in enumerate(rows)), fmt, limit, f"hf:{name}[{split}]")
+    return _to_examples(
+        ((f"hf:{name}[{split}] row {i}", r) for i, r in enumerate(rows)), fmt, limit, f"hf:{name}[{split}]"
+    )
 
 
 def load_dataset(cfg: DatasetConfig) -> list[Example]:
@@ -274,5 +280,12 @@ def generate_arithmetic(split: str, num: int, seed: int = 1234) -> list[Example]
         if made is None:
             continue
         question, reasoning, answer = made
-        examples.append(Example(question=question, response=r1_zero_response(reasoning, str(answer)), answer=str(answer), category=f"type{kind}"))
+        examples.append(
+            Example(
+                question=question,
+                response=r1_zero_response(reasoning, str(answer)),
+                answer=str(answer),
+                category=f"type{kind}",
+            )
+        )
     return examples

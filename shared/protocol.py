@@ -18,7 +18,8 @@ decides a path, a marker or a file format.
 
 Invariants:
 - A checkpoint directory is complete iff its READY manifest verifies: every file listed with its size
-  and SHA-256 (per 64 MiB chunk since version 2, hashed while written), nothing listed missing. READY is written (atomically) only after the directory was
+  and SHA-256 (per 64 MiB chunk since version 2, hashed while written), nothing listed missing.
+  READY is written (atomically) only after the directory was
   renamed into place and fsynced, so a crash at any point leaves either no READY or a valid one.
 - Temporary directories start with `.tmp_`; only the trainer creates them and it removes leftovers
   when it starts, so a reader ignores them.
@@ -247,7 +248,9 @@ def _chunk_digest(path: Path, index: int, chunk_bytes: int) -> str:
 
 def chunk_digests(paths: list[Path], chunk_bytes: int = CHUNK_BYTES) -> list[list[str]]:
     """Chunk digests of each file, every chunk of every file hashed in parallel (hashlib releases the GIL)."""
-    tasks = [(i, path, k) for i, path in enumerate(paths) for k in range(max(1, -(-path.stat().st_size // chunk_bytes)))]
+    tasks = [
+        (i, path, k) for i, path in enumerate(paths) for k in range(max(1, -(-path.stat().st_size // chunk_bytes)))
+    ]
     with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, max(1, len(tasks)))) as pool:
         digests = list(pool.map(lambda task: _chunk_digest(task[1], task[2], chunk_bytes), tasks))
     out: list[list[str]] = [[] for _ in paths]
@@ -270,8 +273,13 @@ def _listed_files(directory: Path) -> list[str]:
     return sorted(files)
 
 
-def build_manifest(directory: Path, step: int, config_hash: str, hashed: dict[str, list[str]] | None = None,
-                   chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+def build_manifest(
+    directory: Path,
+    step: int,
+    config_hash: str,
+    hashed: dict[str, list[str]] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[str, Any]:
     """Manifest of every file in `directory`. `hashed`: chunk digests computed while writing (by the writer, at
     this chunk size); any other file is hashed from the disk, all its chunks in parallel."""
     rels = _listed_files(directory)
@@ -279,12 +287,19 @@ def build_manifest(directory: Path, step: int, config_hash: str, hashed: dict[st
     missing = [rel for rel in rels if rel not in hashed]
     hashed = {**hashed, **dict(zip(missing, chunk_digests([directory / rel for rel in missing], chunk_bytes)))}
     files = {rel: {"size_bytes": (directory / rel).stat().st_size, "sha256_chunks": hashed[rel]} for rel in rels}
-    return {"version": MANIFEST_VERSION, "step": step, "time": time.time(), "config_hash": config_hash,
-            "chunk_bytes": chunk_bytes, "files": files}
+    return {
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "time": time.time(),
+        "config_hash": config_hash,
+        "chunk_bytes": chunk_bytes,
+        "files": files,
+    }
 
 
-def publish_checkpoint(tmp_dir: Path, final_dir: Path, step: int, config_hash: str,
-                       hashed: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def publish_checkpoint(
+    tmp_dir: Path, final_dir: Path, step: int, config_hash: str, hashed: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
     """Make a fully written `tmp_dir` visible as `final_dir`, then mark it READY (`hashed`: see build_manifest).
 
     Order matters: fsync files -> rename -> fsync parent -> write READY atomically. A crash before the
@@ -320,8 +335,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointInvalid(f"{marker}: unreadable manifest ('files' is not a mapping)")
     version = manifest.get("version")
     if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise CheckpointInvalid(f"{marker}: manifest version {version!r} is newer than this code reads "
-                                f"(<= {MANIFEST_VERSION}); update the code that reads it")
+        raise CheckpointInvalid(
+            f"{marker}: manifest version {version!r} is newer than this code reads "
+            f"(<= {MANIFEST_VERSION}); update the code that reads it"
+        )
     return manifest
 
 
@@ -462,8 +479,14 @@ _OWNER_ID = uuid.uuid4().hex[:16]
 def current_owner() -> dict[str, Any]:
     """This process: a random id (unique across hosts and containers) plus what lets a process on the
     same kernel and pid namespace prove it dead early."""
-    return {"id": _OWNER_ID, "host": socket.gethostname(), "pid": os.getpid(), "start": _process_start_ticks(os.getpid()),
-            "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace()}
+    return {
+        "id": _OWNER_ID,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start_ticks(os.getpid()),
+        "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": _pid_namespace(),
+    }
 
 
 def _provably_gone(owner: dict[str, Any]) -> bool:
@@ -535,8 +558,15 @@ class Presence:
     `watching`: a watcher of the run (its evaluation `eval_name` counts as attached: the trainer's
     retention keeps steps it has not seen); `backfill`: it means to evaluate every step."""
 
-    def __init__(self, layout: RunLayout, eval_name: str | None, *, watching: bool, backfill: bool,
-                 timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S):
+    def __init__(
+        self,
+        layout: RunLayout,
+        eval_name: str | None,
+        *,
+        watching: bool,
+        backfill: bool,
+        timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    ):
         self.layout = layout
         self.owner = current_owner()
         self.path = layout.leases_dir / f"{self.owner['id']}.json"
@@ -549,7 +579,9 @@ class Presence:
     def _write(self) -> None:
         with self._lock:
             record = {**self.info, "owner": self.owner, "steps": sorted(self.steps), "heartbeat_time": time.time()}
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # removed meanwhile (a run folder deleted and made again)
+            self.path.parent.mkdir(
+                parents=True, exist_ok=True
+            )  # removed meanwhile (a run folder deleted and made again)
             atomic_write_json(self.path, record)
 
     def start(self) -> "Presence":
@@ -633,14 +665,20 @@ class Ledger:
         except FileNotFoundError:
             return {}
         except ValueError as exc:
-            raise ValueError(f"{self.path}: corrupted ledger ({exc}); move it away to start this evaluation afresh") from None
+            raise ValueError(
+                f"{self.path}: corrupted ledger ({exc}); move it away to start this evaluation afresh"
+            ) from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{self.path}: corrupted ledger (not a mapping); move it away to start this evaluation afresh")
+            raise ValueError(
+                f"{self.path}: corrupted ledger (not a mapping); move it away to start this evaluation afresh"
+            )
         entries = {}
         for key, entry in raw.items():
             if not key.isdigit() or not isinstance(entry, dict) or "status" not in entry:
-                raise ValueError(f"{self.path}: corrupted ledger (entry {key!r} is not a step with a status); "
-                                 "move it away to start this evaluation afresh")
+                raise ValueError(
+                    f"{self.path}: corrupted ledger (entry {key!r} is not a step with a status); "
+                    "move it away to start this evaluation afresh"
+                )
             entries[int(key)] = entry
         return entries
 
@@ -760,11 +798,17 @@ def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: 
                     if entry is None or entry["status"] in (Status.PENDING, Status.RUNNING):
                         unseen_by.setdefault(step, []).append(name)
             for name, ledger in zip(names, ledgers):
+
                 def mark(entries: dict[int, dict[str, Any]], name: str = name) -> None:
                     for step, evals in unseen_by.items():
                         if name in evals:
-                            entries[step] = {"status": Status.DELETED, "time": time.time(), "weights_id": ready[step],
-                                             "reason": f"deleted by the trainer's retention (keep_last={keep_last}) before evaluation"}
+                            entries[step] = {
+                                "status": Status.DELETED,
+                                "time": time.time(),
+                                "weights_id": ready[step],
+                                "reason": f"deleted by the trainer's retention (keep_last={keep_last}) "
+                                "before evaluation",
+                            }
 
                 ledger.update_locked(mark)
     return RetentionResult(deleted, kept_for, unseen_by)
@@ -810,11 +854,14 @@ class TrainerLock:
         except Timeout:
             try:
                 holder = json.loads(self.info_path.read_text())
-                who = f"{describe_owner(holder)}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['time']))}"
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"]))
+                who = f"{describe_owner(holder)}, started {started}"
             except (OSError, ValueError, KeyError):
                 who = "another process"
-            raise RunInUse(f"{self.layout.run_dir}: another trainer is training this run ({who}); "
-                           "stop it first, or choose another run_name") from None
+            raise RunInUse(
+                f"{self.layout.run_dir}: another trainer is training this run ({who}); "
+                "stop it first, or choose another run_name"
+            ) from None
         atomic_write_json(self.info_path, {**current_owner(), "time": time.time()})
         return self
 

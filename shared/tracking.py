@@ -59,7 +59,9 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - W&B raises many types; all mean "cannot log there"
                 if created:  # leave no half-made folder behind
                     shutil.rmtree(created[-1], ignore_errors=True)
-                raise ValueError(f"W&B ({self.mode}) could not start: {exc}; set wandb.mode=offline or disabled") from None
+                raise ValueError(
+                    f"W&B ({self.mode}) could not start: {exc}; set wandb.mode=offline or disabled"
+                ) from None
 
     @staticmethod
     def _init(wandb, cfg: Config, job_type: str, out_dir: Path, x_axis: str, mode: str):
@@ -74,7 +76,9 @@ class Tracker:
             dir=str(out_dir),  # W&B writes into out_dir/wandb
             mode=mode,
             config=cfg.to_dict(),
-            settings=wandb.Settings(silent=True, console="off", x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S),
+            settings=wandb.Settings(
+                silent=True, console="off", x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S
+            ),
         )
         run.define_metric(x_axis)
         run.define_metric("*", step_metric=x_axis)

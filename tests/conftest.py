@@ -19,16 +19,31 @@ GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 TINY = {
     "run_name": "tiny",
     "prompt_template": str(REPO / "prompts" / "r1_zero.prompt"),
-    "model": {"path": "embedded:tiny-qwen2", "embedded_hidden_size": 64, "embedded_num_layers": 2, "embedded_vocab_size": 400},
+    "model": {
+        "path": "embedded:tiny-qwen2",
+        "embedded_hidden_size": 64,
+        "embedded_num_layers": 2,
+        "embedded_vocab_size": 400,
+    },
     "training": {
         "data": {"path": "embedded:arithmetic", "split": "train", "num_examples": 400},
-        "max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "max_seq_len": 128,
-        "learning_rate": 3e-3, "warmup_steps": 2, "eval_every": 2, "num_threads": 1,
+        "max_steps": 6,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "max_seq_len": 128,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "eval_every": 2,
+        "num_threads": 1,
     },
     "evaluation": {
         "data": {"path": "embedded:arithmetic", "split": "test", "num_examples": 40},
-        "num_samples": 8, "temperature": 0.0, "max_tokens": 24, "hf_batch_size": 8,
-        "num_grader_workers": 1, "rescan_s": 2.0,
+        "num_samples": 8,
+        "temperature": 0.0,
+        "max_tokens": 24,
+        "hf_batch_size": 8,
+        "num_grader_workers": 1,
+        "rescan_s": 2.0,
     },
     "wandb": {"mode": "disabled"},
 }
@@ -56,17 +71,36 @@ def make_config(tmp_path):
 
 def service_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TQDM_DISABLE": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def run_service(module: str, *args: str, env_extra: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
-                          capture_output=True, text=True, timeout=timeout)
+def run_service(
+    module: str, *args: str, env_extra: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        env=service_env(**(env_extra or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"{module} {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -76,8 +110,14 @@ _STARTED: list[subprocess.Popen] = []
 def start_service(module: str, *args: str, log: Path, env_extra: dict | None = None) -> subprocess.Popen:
     """Start a service in the background; the `_no_leftover_services` fixture kills it if a test fails."""
     f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=service_env(**(env_extra or {})),
-                            stdout=f, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        env=service_env(**(env_extra or {})),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _STARTED.append(proc)
     return proc
 

@@ -24,7 +24,9 @@ def test_real_recipe_has_reference_defaults():
     assert cfg.training.learning_rate == 2e-5
     assert cfg.training.eval_every == 500
     assert cfg.training.gpus == [0] and cfg.evaluation.gpus == [1]
-    assert cfg.evaluation.num_samples is None and cfg.evaluation.data.path == "data/math500/test.jsonl"  # all of MATH-500
+    assert (
+        cfg.evaluation.num_samples is None and cfg.evaluation.data.path == "data/math500/test.jsonl"
+    )  # all of MATH-500
     assert (cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_tokens) == (1.0, 1.0, 1024)
     assert cfg.evaluation.stop == ["</answer>"]
 
@@ -53,7 +55,10 @@ def test_unknown_top_level_key(tmp_path):
     [
         ("training:\n  max_steps: ten\n", r"training.max_steps: expected int, got 'ten'"),
         ("training:\n  max_steps: 0\n", r"training.max_steps: must be > 0, got 0"),
-        ("training:\n  batch_size: 10\n  micro_batch_size: 4\n", r"training.batch_size \(10\) must be a multiple of training.micro_batch_size \(4\)"),
+        (
+            "training:\n  batch_size: 10\n  micro_batch_size: 4\n",
+            r"training.batch_size \(10\) must be a multiple of training.micro_batch_size \(4\)",
+        ),
         ("evaluation:\n  backend: tpu\n", r"evaluation.backend: must be one of auto, vllm, hf; got 'tpu'"),
         ("evaluation:\n  top_p: 1.5\n", r"evaluation.top_p: must be in \(0, 1\], got 1.5"),
         ("training:\n  gpus: [0, 0]\n", r"training.gpus: must be a non-empty list of distinct GPU indices"),
@@ -67,7 +72,10 @@ def test_bad_values_name_key_and_value(tmp_path, text, message):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    cfg = load_config(write(tmp_path, ""), ["training.learning_rate=1e-5", "evaluation.stop=['</answer>', 'END']", "wandb.mode=disabled"])
+    cfg = load_config(
+        write(tmp_path, ""),
+        ["training.learning_rate=1e-5", "evaluation.stop=['</answer>', 'END']", "wandb.mode=disabled"],
+    )
     assert cfg.training.learning_rate == 1e-5
     assert cfg.evaluation.stop == ["</answer>", "END"]
     with pytest.raises(ConfigError, match="unknown key 'training.lr'"):
@@ -106,17 +114,31 @@ def test_shared_imports_neither_service():
     offenders = []
     for path in sorted((REPO / "shared").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("trainer", "evaluator", "demo", "torch", "vllm")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] in ("trainer", "evaluator", "demo", "torch", "vllm")
+            ]
     assert offenders == []
 
 
 def test_an_override_error_names_the_override_not_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"^override 'training.lerning_rate=1e-5': unknown key 'training.lerning_rate'; did you mean"):
+    with pytest.raises(
+        ConfigError, match=r"^override 'training.lerning_rate=1e-5': unknown key 'training.lerning_rate'; did you mean"
+    ):
         load_config(None, ["training.lerning_rate=1e-5"])
     with pytest.raises(ConfigError, match=r"^override 'training.max_steps=0': training.max_steps: must be > 0"):
         load_config(None, ["training.max_steps=0"])
-    with pytest.raises(ConfigError, match=r"c.yaml: training.max_steps: must be > 0"):  # an error in the file names the file
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: training.max_steps: must be > 0"
+    ):  # an error in the file names the file
         bad = tmp_path / "c.yaml"
         bad.write_text("training: {max_steps: 0}\n")
         load_config(bad, ["training.learning_rate=1e-5"])

@@ -30,10 +30,18 @@ def test_sft_layout(tmp_path):
 
 
 def test_math_layout_takes_last_boxed(tmp_path):
-    p = write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": "Compute.", "solution": "First \\boxed{1}, finally \\boxed{\\frac{1}{2}}.", "type": "Algebra", "level": "Level 2"},
-        {"problem": "Q", "solution": "S", "answer": "7"},
-    ])
+    p = write_jsonl(
+        tmp_path / "math.jsonl",
+        [
+            {
+                "problem": "Compute.",
+                "solution": "First \\boxed{1}, finally \\boxed{\\frac{1}{2}}.",
+                "type": "Algebra",
+                "level": "Level 2",
+            },
+            {"problem": "Q", "solution": "S", "answer": "7"},
+        ],
+    )
     a, b = read_jsonl(p)
     assert a.answer == "\\frac{1}{2}" and a.category == "Algebra / Level 2"
     assert a.response.endswith("</think> <answer> \\frac{1}{2} </answer>")
@@ -132,5 +140,7 @@ def test_real_math500_and_aime24_read_as_they_are():
     aime = read_jsonl(SHARED_DATA / "aime24" / "test.jsonl")
     assert len(aime) == 30 and all(len(ex.answer) == 3 and ex.answer.isdigit() for ex in aime)  # written "025"
     padded = next(ex.answer for ex in aime if ex.answer.startswith("0"))
-    assert r1_zero_reward(f"x </think> <answer> {int(padded)} </answer>", padded)["reward"] == 1.0  # integers, not strings
+    assert (
+        r1_zero_reward(f"x </think> <answer> {int(padded)} </answer>", padded)["reward"] == 1.0
+    )  # integers, not strings
     assert r1_zero_reward(f"x </think> <answer> {int(padded) + 1} </answer>", padded)["reward"] == 0.0

@@ -13,15 +13,34 @@ from shared.protocol import RunLayout, verify_checkpoint
 
 
 def torchrun(cfg, nproc=2, check=True):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "trainer", "--config", str(cfg)], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "trainer",
+            "--config",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def losses(run_dir):
-    return {r["train_step"]: r["train/loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
+    return {
+        r["train_step"]: r["train/loss"]
+        for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +69,9 @@ def test_two_processes_match_one_with_the_same_global_batch(trained_run, sharded
 def test_sharded_checkpoint_layout(sharded_run):
     ckpt = RunLayout(sharded_run).checkpoint_dir(6)
     manifest = verify_checkpoint(ckpt)
-    assert {"trainer_state/state_rank00000.pt", "trainer_state/state_rank00001.pt", "model.safetensors"} <= set(manifest["files"])
+    assert {"trainer_state/state_rank00000.pt", "trainer_state/state_rank00001.pt", "model.safetensors"} <= set(
+        manifest["files"]
+    )
     assert json.loads((ckpt / "trainer_state" / "trainer_state.json").read_text())["world_size"] == 2
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +108,14 @@ def test_make_train_with_two_gpus_launches_torchrun(tmp_path, make_config):
     env = service_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("CUDA_VISIBLE_DEVICES")
     cfg = make_config({"training": {"gpus": [0, 1], "max_steps": 2}})
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "launching 2 processes" in proc.stdout
     manifest = verify_checkpoint(RunLayout(tmp_path / "runs" / "tiny").checkpoint_dir(2))
@@ -131,7 +159,17 @@ def test_a_stop_on_any_rank_stops_all_at_the_same_step(tmp_path, make_config, ho
     log = open(tmp_path / "torchrun.log", "w")
     env = {**service_env(), "MATH_SFT_FAULT_SLOW_SAVE_S": "0.2"}
     if how == "sigterm-to-rank-1":
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "--config", str(cfg)]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer",
+            "--config",
+            str(cfg),
+        ]
     else:  # `make train` with training.gpus [0, 1]: the trainer launches torchrun (GPUs faked as in the test above)
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()

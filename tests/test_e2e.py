@@ -63,6 +63,7 @@ def test_two_terminals(tmp_path, make_config, evaluator_first):
 
 def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_run):
     """A frozen evaluator (SIGSTOP while it holds a checkpoint) does not slow the trainer down."""
+
     def timed_training(cfg):
         t0 = time.monotonic()
         run_service("trainer", "--config", cfg)
@@ -72,13 +73,17 @@ def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_ru
     alone = timed_training(make_config({**updates, "run_name": "alone"}))
     run = tmp_path / "runs" / "tiny"
     publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
-    evaluator = start_service("evaluator", "--config", make_config(SLOW_EVAL, name="slow.yaml"), log=tmp_path / "eval.log")
+    evaluator = start_service(
+        "evaluator", "--config", make_config(SLOW_EVAL, name="slow.yaml"), log=tmp_path / "eval.log"
+    )
     try:
         wait_for(lambda: status_of(run, 2) == Status.RUNNING, 60, "evaluation running")
         evaluator.send_signal(signal.SIGSTOP)
         # the run now holds a step the frozen evaluator leases: the trainer resumes from it and trains on, with
         # retention deleting everything else it may (the frozen evaluator's heartbeat is fresh for 60 s)
-        with_frozen = timed_training(make_config({**updates, "training": {**updates["training"], "keep_last": 1}}, name="t.yaml"))
+        with_frozen = timed_training(
+            make_config({**updates, "training": {**updates["training"], "keep_last": 1}}, name="t.yaml")
+        )
     finally:
         evaluator.send_signal(signal.SIGCONT)
         stop(evaluator)
@@ -96,17 +101,33 @@ def wandb_history_steps(root: Path) -> list[int]:
     """train_step of every evaluation row in the W&B offline files under `root`."""
     from shared.tracking import read_wandb_history
 
-    return [row["train_step"] for path in root.rglob("*.wandb") for row in read_wandb_history(path) if "eval/accuracy" in row]
+    return [
+        row["train_step"]
+        for path in root.rglob("*.wandb")
+        for row in read_wandb_history(path)
+        if "eval/accuracy" in row
+    ]
 
 
 def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
-    cfg = make_config({"training": {"max_steps": 8}, "wandb": {"mode": "offline"},
-                       "evaluation": {**SLOW_EVAL["evaluation"], "backfill": True}})
+    cfg = make_config(
+        {
+            "training": {"max_steps": 8},
+            "wandb": {"mode": "offline"},
+            "evaluation": {**SLOW_EVAL["evaluation"], "backfill": True},
+        }
+    )
     run = tmp_path / "runs" / "tiny"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={**env, "MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"})
+    trainer = start_service(
+        "trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={**env, "MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"}
+    )
     first = start_service("evaluator", "--config", cfg, log=tmp_path / "eval1.log", env_extra=env)
-    victim = wait_for(lambda: next((s for s, e in ledger_of(run).items() if e["status"] == Status.RUNNING), None), 180, "an evaluation")
+    victim = wait_for(
+        lambda: next((s for s, e in ledger_of(run).items() if e["status"] == Status.RUNNING), None),
+        180,
+        "an evaluation",
+    )
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     second = start_service("evaluator", "--config", cfg, log=tmp_path / "eval2.log", env_extra=env)
@@ -131,8 +152,14 @@ def test_trainer_sigkill_mid_save_then_resume(tmp_path, make_config):
     run = tmp_path / "runs" / "tiny"
     layout = RunLayout(run)
     evaluator = start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log")
-    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"})
-    wait_for(lambda: layout.tmp_checkpoint_dir(4).exists() and (layout.checkpoint_dir(2) / READY).exists(), 120, "save of step 4")
+    trainer = start_service(
+        "trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
+    )
+    wait_for(
+        lambda: layout.tmp_checkpoint_dir(4).exists() and (layout.checkpoint_dir(2) / READY).exists(),
+        120,
+        "save of step 4",
+    )
     trainer.send_signal(signal.SIGKILL)
     trainer.wait(10)
     time.sleep(2)  # the evaluator sees the partial directory's events and must not touch it
@@ -140,7 +167,14 @@ def test_trainer_sigkill_mid_save_then_resume(tmp_path, make_config):
     eval_log = (tmp_path / "eval.log").read_text()
     assert ".tmp_step" not in eval_log and "Warning" not in eval_log and "Traceback" not in eval_log
     assert all(4 not in json.loads(p.read_text())["steps"] for p in layout.leases_dir.glob("*.json"))
-    proc = subprocess.run(["make", "-s", "train", f"CONFIG={cfg}"], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["make", "-s", "train", f"CONFIG={cfg}"],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "removed incomplete checkpoint" in proc.stdout and "resumed from" in proc.stdout
     assert not layout.tmp_checkpoint_dir(4).exists()
@@ -157,7 +191,14 @@ def test_make_eval_after_the_fact(run_copy, tmp_path, make_config):
     cfg = make_config()
 
     def make_eval(*args):
-        return subprocess.run(["make", "-s", "eval", f"CONFIG={cfg}", *args], cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            ["make", "-s", "eval", f"CONFIG={cfg}", *args],
+            cwd=REPO,
+            env=service_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     one = make_eval(f"CKPT={RunLayout(run_copy).checkpoint_dir(2)}")
     assert one.returncode == 0 and "step        2: accuracy" in one.stdout, one.stderr
@@ -203,7 +244,9 @@ def test_burst_newest_next(trained_run, tmp_path, make_config, backfill):
 def test_trainer_ctrl_c_finishes_the_pending_checkpoint(tmp_path, make_config):
     cfg = make_config({"training": {"max_steps": 200}})
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    trainer = start_service("trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"})
+    trainer = start_service(
+        "trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"}
+    )
     wait_for(lambda: layout.tmp_checkpoint_dir(4).exists(), 120, "a save in progress")
     trainer.send_signal(signal.SIGINT)
     assert trainer.wait(60) == 0
@@ -217,8 +260,11 @@ def test_trainer_ctrl_c_finishes_the_pending_checkpoint(tmp_path, make_config):
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -236,21 +282,48 @@ def test_bad_input_one_clear_line_and_nothing_changed(run_copy, tmp_path, make_c
     bad_jsonl.write_text('{"prompt": "p", "response": "r </think> <answer> 1 </answer>"}\n{"prompt": "p"\n')
     before = snapshot(run_copy)
     cases = [
-        ("trainer", [make_config({"training": {"learning_rat": 1}}, name="typo.yaml").__str__()],
-         {}, "unknown key 'training.learning_rat'; did you mean 'training.learning_rate'?"),
-        ("trainer", [str(make_config({"training": {"data": {"path": str(tmp_path / "missing.jsonl")}}}, name="m.yaml"))],
-         {}, f"data file not found: {tmp_path / 'missing.jsonl'}"),
-        ("trainer", [str(make_config({"training": {"data": {"path": str(bad_jsonl)}}}, name="b.yaml"))],
-         {}, f"{bad_jsonl}:2: not valid JSON"),
-        ("evaluator", [str(make_config(name="c.yaml")), "--ckpt", str(tmp_path / "nothing")],
-         {}, f"--ckpt {tmp_path / 'nothing'}: no such directory"),
-        ("trainer", [str(make_config({"training": {"gpus": [3]}}, name="g.yaml"))],
-         {"PATH": f"{fake_one_gpu}:{os.environ['PATH']}"}, "training.gpus=[3]: GPU 3 does not exist; this machine has 1 (0-0)"),
+        (
+            "trainer",
+            [make_config({"training": {"learning_rat": 1}}, name="typo.yaml").__str__()],
+            {},
+            "unknown key 'training.learning_rat'; did you mean 'training.learning_rate'?",
+        ),
+        (
+            "trainer",
+            [str(make_config({"training": {"data": {"path": str(tmp_path / "missing.jsonl")}}}, name="m.yaml"))],
+            {},
+            f"data file not found: {tmp_path / 'missing.jsonl'}",
+        ),
+        (
+            "trainer",
+            [str(make_config({"training": {"data": {"path": str(bad_jsonl)}}}, name="b.yaml"))],
+            {},
+            f"{bad_jsonl}:2: not valid JSON",
+        ),
+        (
+            "evaluator",
+            [str(make_config(name="c.yaml")), "--ckpt", str(tmp_path / "nothing")],
+            {},
+            f"--ckpt {tmp_path / 'nothing'}: no such directory",
+        ),
+        (
+            "trainer",
+            [str(make_config({"training": {"gpus": [3]}}, name="g.yaml"))],
+            {"PATH": f"{fake_one_gpu}:{os.environ['PATH']}"},
+            "training.gpus=[3]: GPU 3 does not exist; this machine has 1 (0-0)",
+        ),
     ]
     for module, args, env, message in cases:
         env_full = service_env(**env)
         env_full.pop("CUDA_VISIBLE_DEVICES")
-        proc = subprocess.run([sys.executable, "-m", module, "--config", *args], cwd=REPO, env=env_full, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--config", *args],
+            cwd=REPO,
+            env=env_full,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, (module, args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (message, proc.stderr)

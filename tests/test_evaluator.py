@@ -27,7 +27,9 @@ def evaluator(tmp_path, make_config):
 
     def start(updates=None, *extra, name="eval"):
         cfg = make_config(updates, name=f"{name}.yaml")
-        proc = start_service("evaluator", "--config", cfg, "--run", tmp_path / "runs" / "tiny", *extra, log=tmp_path / f"{name}.log")
+        proc = start_service(
+            "evaluator", "--config", cfg, "--run", tmp_path / "runs" / "tiny", *extra, log=tmp_path / f"{name}.log"
+        )
         procs.append(proc)
         return proc
 
@@ -129,7 +131,11 @@ def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evalu
     proc = evaluator(slow)
     wait_for(lambda: status_of(run_copy, 6) == Status.RUNNING, 60, "evaluation running")
     leases = RunLayout(run_copy).leases_dir
-    wait_for(lambda: [json.loads(p.read_text())["steps"] for p in leases.glob("*.json")] == [[6]], 30, "lease held while evaluating")
+    wait_for(
+        lambda: [json.loads(p.read_text())["steps"] for p in leases.glob("*.json")] == [[6]],
+        30,
+        "lease held while evaluating",
+    )
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
     eval_dir = RunLayout(run_copy).eval_dir("default")
@@ -155,12 +161,17 @@ def test_sigkill_mid_evaluation_then_restart_evaluates_it_exactly_once(run_copy,
     proc.wait(10)
     assert not results(run_copy)
     evaluator(slow, name="eval2")
-    wait_for(lambda: all(ledger_of(run_copy).get(s, {}).get("logged") for s in (2, 4, 6)), 180, "all evaluated and logged")
+    wait_for(
+        lambda: all(ledger_of(run_copy).get(s, {}).get("logged") for s in (2, 4, 6)), 180, "all evaluated and logged"
+    )
     entries = ledger_of(run_copy)
     assert entries[6]["attempts"] == 2 and entries[4]["attempts"] == 1
     assert "evaluating again" in log_text(tmp_path, "eval2")
     assert sorted(results(run_copy)) == [2, 4, 6]
-    logged = [json.loads(line)["train_step"] for line in RunLayout(run_copy).eval_dir("default").joinpath("eval_log.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["train_step"]
+        for line in RunLayout(run_copy).eval_dir("default").joinpath("eval_log.jsonl").read_text().splitlines()
+    ]
     assert sorted(logged) == [2, 4, 6]
 
 
@@ -206,7 +217,10 @@ def test_after_the_fact_damaged_folder_is_refused_with_the_reason(run_copy, make
         f.write(b" ")
     proc = run_service("evaluator", "--config", make_config(), "--ckpt", ckpt, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {ckpt / 'tokenizer.json'}: size mismatch ({(ckpt / 'tokenizer.json').stat().st_size} bytes on disk, {(ckpt / 'tokenizer.json').stat().st_size - 1} in READY)"
+    assert (
+        proc.stderr.strip()
+        == f"error: {ckpt / 'tokenizer.json'}: size mismatch ({(ckpt / 'tokenizer.json').stat().st_size} bytes on disk, {(ckpt / 'tokenizer.json').stat().st_size - 1} in READY)"
+    )
 
 
 def test_a_model_that_fails_to_load_is_recorded_and_the_evaluator_goes_on(trained_run, tmp_path, evaluator):
@@ -222,7 +236,10 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_evaluator_goes_on(traine
     publish_checkpoint(tmp, layout.checkpoint_dir(2), 2, "test")
     proc = evaluator()
     wait_for(lambda: status_of(run, 2) == Status.FAILED, 60, "step 2 failed")
-    assert "cannot load model" in ledger_of(run)[2]["reason"] and str(layout.checkpoint_dir(2)) in ledger_of(run)[2]["reason"]
+    assert (
+        "cannot load model" in ledger_of(run)[2]["reason"]
+        and str(layout.checkpoint_dir(2)) in ledger_of(run)[2]["reason"]
+    )
     publish_copy(RunLayout(trained_run).checkpoint_dir(4), run, 4)
     wait_for(lambda: status_of(run, 4) == Status.DONE, 60, "step 4")
     assert proc.poll() is None
@@ -326,6 +343,7 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
 
     monkeypatch.setattr(protocol, "atomic_write_bytes", spy)
     import evaluator.service as service
+
     monkeypatch.setattr(service, "atomic_write_bytes", spy)
     evaluator = Evaluator(cfg, make_backend(cfg.evaluation, False), None)
     try:
@@ -333,8 +351,14 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
     finally:
         evaluator.close()
     writes = [(kind, name) for kind, name, _ in seen if kind != "ledger"]
-    assert writes == [("samples", "step_00000002"), ("metrics", "step_00000002"), ("samples", "step_00000004"),
-                      ("metrics", "step_00000004"), ("samples", "step_00000006"), ("metrics", "step_00000006")]
+    assert writes == [
+        ("samples", "step_00000002"),
+        ("metrics", "step_00000002"),
+        ("samples", "step_00000004"),
+        ("metrics", "step_00000004"),
+        ("samples", "step_00000006"),
+        ("metrics", "step_00000006"),
+    ]
     assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
 
 
@@ -364,7 +388,10 @@ def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuil
     finally:
         evaluator.close()
         honest.close()
-    assert "outputs unchanged after an in-place reload of different weights; rebuilding the engine" in capsys.readouterr().out
+    assert (
+        "outputs unchanged after an in-place reload of different weights; rebuilding the engine"
+        in capsys.readouterr().out
+    )
     assert result["load"] == "new-engine"
     assert [s["response"] for s in samples] == [s["response"] for s in expected_samples]
 
@@ -375,7 +402,9 @@ def test_an_idle_watcher_does_not_spin(run_copy, tmp_path, evaluator):
     import os
 
     proc = evaluator({"evaluation": {"rescan_s": 600}})
-    wait_for(lambda: all(status_of(run_copy, s) in (Status.DONE, Status.SKIPPED) for s in (2, 4, 6)), 60, "steps settled")
+    wait_for(
+        lambda: all(status_of(run_copy, s) in (Status.DONE, Status.SKIPPED) for s in (2, 4, 6)), 60, "steps settled"
+    )
     time.sleep(1.0)
 
     def cpu_s():
@@ -399,12 +428,18 @@ def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_
     eval_dir = RunLayout(run_copy).eval_dir("default")
 
     def rows_of_step(step):
-        return [r for p in (eval_dir / "wandb").rglob("*.wandb") for r in read_wandb_history(p)
-                if r.get("train_step") == step and "eval/accuracy" in r]
+        return [
+            r
+            for p in (eval_dir / "wandb").rglob("*.wandb")
+            for r in read_wandb_history(p)
+            if r.get("train_step") == step and "eval/accuracy" in r
+        ]
 
     assert len(rows_of_step(4)) == 1
     Ledger(eval_dir).update(lambda e: e[4].update(logged=False, log_owner={"id": "crashed-evaluator"}))
-    out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once", env_extra={"WANDB_SILENT": "true"}).stdout
+    out = run_service(
+        "evaluator", "--config", cfg, "--run", run_copy, "--once", env_extra={"WANDB_SILENT": "true"}
+    ).stdout
     assert "step 4: already in W&B's files; marked logged" in out
     assert len(rows_of_step(4)) == 1 and ledger_of(run_copy)[4]["logged"] is True
     assert len(list((eval_dir / "wandb").glob("offline-run-*"))) == 2  # one W&B run per evaluator process

@@ -21,13 +21,35 @@ def gpu_run(tmp_path_factory):
     cfg = root / "cfg.yaml"
     from conftest import TINY
 
-    data = {**TINY, "runs_dir": str(root / "runs"),
-            "model": {"path": "embedded:tiny-qwen2", "embedded_hidden_size": 256, "embedded_num_layers": 4, "embedded_vocab_size": 512},
-            "training": {**TINY["training"], "data": {"path": "embedded:arithmetic", "split": "train"}, "max_steps": 600,
-                         "batch_size": 64, "micro_batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "eval_every": 300,
-                         "log_every": 100, "num_threads": None}}
+    data = {
+        **TINY,
+        "runs_dir": str(root / "runs"),
+        "model": {
+            "path": "embedded:tiny-qwen2",
+            "embedded_hidden_size": 256,
+            "embedded_num_layers": 4,
+            "embedded_vocab_size": 512,
+        },
+        "training": {
+            **TINY["training"],
+            "data": {"path": "embedded:arithmetic", "split": "train"},
+            "max_steps": 600,
+            "batch_size": 64,
+            "micro_batch_size": 64,
+            "learning_rate": 1e-3,
+            "warmup_steps": 50,
+            "eval_every": 300,
+            "log_every": 100,
+            "num_threads": None,
+        },
+    }
     cfg.write_text(yaml.safe_dump(data))
-    run_service("trainer", "--config", cfg, env_extra={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"})
+    run_service(
+        "trainer",
+        "--config",
+        cfg,
+        env_extra={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"},
+    )
     return root / "runs" / "tiny" / "checkpoints"
 
 

@@ -25,7 +25,13 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
     from shared.config import config_from_dict
     from shared.data import load_dataset, load_prompt_template, render_prompt
     from trainer.logprobs import response_log_probs
-    from trainer.packing import group_by_budget, packed_forward_kwargs, packed_microbatch, tokenize_examples, use_packed_attention
+    from trainer.packing import (
+        group_by_budget,
+        packed_forward_kwargs,
+        packed_microbatch,
+        tokenize_examples,
+        use_packed_attention,
+    )
     from trainer.sft import get_response_log_probs, tokenize_prompt_and_output
     import yaml
 
@@ -43,15 +49,24 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
 
     padded = tokenize_prompt_and_output(prompts, responses, tokenizer, max_len=128)
     with torch.no_grad():
-        ref = get_response_log_probs(padded_model, padded["input_ids"].to(device), padded["labels"].to(device))["log_probs"].cpu()
+        ref = get_response_log_probs(padded_model, padded["input_ids"].to(device), padded["labels"].to(device))[
+            "log_probs"
+        ].cpu()
     examples = tokenize_examples(prompts, responses, tokenizer, 128)
-    rows = [packed_microbatch([examples[i] for i in g]) for g in group_by_budget([len(e) - 1 for e, _ in examples], 400)]
+    rows = [
+        packed_microbatch([examples[i] for i in g]) for g in group_by_budget([len(e) - 1 for e, _ in examples], 400)
+    ]
     assert any(len(r["cu_seq_lens"]) > 2 for r in rows)
     i, worst = 0, 0.0
     for row in rows:
         with torch.no_grad():
-            out = response_log_probs(packed_model, row["input_ids"].to(device), row["labels"].to(device),
-                                     row["response_mask"].to(device), **packed_forward_kwargs(row, device, True))
+            out = response_log_probs(
+                packed_model,
+                row["input_ids"].to(device),
+                row["labels"].to(device),
+                row["response_mask"].to(device),
+                **packed_forward_kwargs(row, device, True),
+            )
         lp = out["log_probs"].cpu()
         for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist()):
             mask = padded["response_mask"][i, : b - a]
@@ -64,15 +79,32 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
 def test_cuda_defaults_train_like_the_padded_reference(cuda, tmp_path, make_config):
     """Packing + varlen + compile + master weights against padded eager bf16 without masters: the same losses
     to bf16 accuracy over a few steps (a wrong mask or a broken master update would diverge at once)."""
-    common = {"training": {**TINY["training"], "max_steps": 8, "dtype": "bfloat16", "learning_rate": 1e-3, "num_threads": None}}
-    fast = make_config({**common, "run_name": "fast", "training": {**common["training"], "micro_batch_tokens": 512}}, name="fast.yaml")
-    plain = make_config({**common, "run_name": "plain", "training": {**common["training"], "compile": False, "master_weights": False}},
-                        name="plain.yaml")
+    common = {
+        "training": {
+            **TINY["training"],
+            "max_steps": 8,
+            "dtype": "bfloat16",
+            "learning_rate": 1e-3,
+            "num_threads": None,
+        }
+    }
+    fast = make_config(
+        {**common, "run_name": "fast", "training": {**common["training"], "micro_batch_tokens": 512}}, name="fast.yaml"
+    )
+    plain = make_config(
+        {**common, "run_name": "plain", "training": {**common["training"], "compile": False, "master_weights": False}},
+        name="plain.yaml",
+    )
     env = {"CUDA_VISIBLE_DEVICES": "0"}
     out = run_service("trainer", "--config", fast, env_extra=env).stdout
     assert "fp32 master weights" in out and "varlen flash attention" in out
     run_service("trainer", "--config", plain, env_extra=env)
-    losses = {name: {r["train_step"]: r["train/loss"] for r in map(json.loads, (tmp_path / "runs" / name / "train_log.jsonl").read_text().splitlines())}
-              for name in ("fast", "plain")}
+    losses = {
+        name: {
+            r["train_step"]: r["train/loss"]
+            for r in map(json.loads, (tmp_path / "runs" / name / "train_log.jsonl").read_text().splitlines())
+        }
+        for name in ("fast", "plain")
+    }
     for step in (1, 2, 3):
         assert losses["fast"][step] == pytest.approx(losses["plain"][step], rel=0.02), (step, losses)

@@ -11,7 +11,13 @@ from shared.data import load_dataset, load_prompt_template, render_prompt
 from shared.config import config_from_dict
 from trainer.logprobs import linear_log_probs, response_log_probs
 from trainer.master import MasterWeights
-from trainer.packing import group_by_budget, packed_forward_kwargs, packed_microbatch, tokenize_examples, use_packed_attention
+from trainer.packing import (
+    group_by_budget,
+    packed_forward_kwargs,
+    packed_microbatch,
+    tokenize_examples,
+    use_packed_attention,
+)
 from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
 import yaml
 
@@ -29,7 +35,9 @@ def test_packed_row_keeps_each_examples_own_pairs():
     assert row["input_ids"].tolist() == [[1, 2, 3, 5, 6]] and row["labels"].tolist() == [[2, 3, 4, 6, 7]]
     assert row["response_mask"].tolist() == [[False, True, True, True, True]]
     assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert row["cu_seq_lens"].tolist() == [0, 3, 5] and row["cu_seq_lens"].dtype == torch.int32 and row["max_seq_len"] == 3
+    assert (
+        row["cu_seq_lens"].tolist() == [0, 3, 5] and row["cu_seq_lens"].dtype == torch.int32 and row["max_seq_len"] == 3
+    )
 
 
 def test_chunked_log_probs_gradients_and_entropy_match_full_logits():
@@ -80,13 +88,20 @@ def test_packed_and_padded_give_the_same_log_probs_loss_and_gradients(tiny):
     ref_loss, _ = sft_microbatch_train_step(ref, padded["response_mask"], 1, total / len(prompts))
 
     examples = tokenize_examples(prompts, responses, tokenizer, 128)
-    rows = [packed_microbatch([examples[i] for i in g]) for g in group_by_budget([len(e) - 1 for e, _ in examples], 200)]
+    rows = [
+        packed_microbatch([examples[i] for i in g]) for g in group_by_budget([len(e) - 1 for e, _ in examples], 200)
+    ]
     assert len(rows) > 1 and any(len(r["cu_seq_lens"]) > 2 for r in rows)  # several rows, several examples in a row
     varlen = use_packed_attention(packed_model, torch.device("cpu"))
     packed_loss, i = 0.0, 0
     for row in rows:
-        out = response_log_probs(packed_model, row["input_ids"], row["labels"], row["response_mask"],
-                                 **packed_forward_kwargs(row, torch.device("cpu"), varlen))
+        out = response_log_probs(
+            packed_model,
+            row["input_ids"],
+            row["labels"],
+            row["response_mask"],
+            **packed_forward_kwargs(row, torch.device("cpu"), varlen),
+        )
         for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist()):
             n = b - a
             mask = padded["response_mask"][i, :n]
@@ -116,7 +131,10 @@ def test_master_weights_keep_updates_that_bf16_rounds_away():
     plain = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     torch.nn.init.ones_(plain.weight)
     master = MasterWeights(layer)
-    opts = [torch.optim.AdamW(master.params, lr=1e-3, weight_decay=0.0), torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.0)]
+    opts = [
+        torch.optim.AdamW(master.params, lr=1e-3, weight_decay=0.0),
+        torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.0),
+    ]
     x = torch.ones(2, 4, dtype=torch.bfloat16)
     for _ in range(3):  # each step moves a weight by ~1e-3, under half of bf16's step at 1.0 (2^-8)
         for model, opt in ((layer, opts[0]), (plain, opts[1])):
@@ -134,19 +152,27 @@ def test_bf16_with_master_weights_resumes_exactly(tmp_path, make_config):
     """CPU bf16: 2 steps + resume + 4 == 6 steps, bit for bit, master weights included."""
     updates = {"training": {"dtype": "bfloat16", "micro_batch_tokens": 256}}
     run_service("trainer", "--config", make_config({**updates, "run_name": "straight"}, name="a.yaml"))
-    run_service("trainer", "--config", make_config({**updates, "run_name": "resumed", "training": {**updates["training"], "max_steps": 2}},
-                                                   name="b.yaml"))
+    run_service(
+        "trainer",
+        "--config",
+        make_config(
+            {**updates, "run_name": "resumed", "training": {**updates["training"], "max_steps": 2}}, name="b.yaml"
+        ),
+    )
     out = run_service("trainer", "--config", make_config({**updates, "run_name": "resumed"}, name="c.yaml")).stdout
     assert "fp32 master weights" in out and "resumed from" in out
     runs = tmp_path / "runs"
 
     def state(run):
-        return torch.load(runs / run / "checkpoints" / "step_00000006" / "trainer_state" / "state.pt", weights_only=True)
+        return torch.load(
+            runs / run / "checkpoints" / "step_00000006" / "trainer_state" / "state.pt", weights_only=True
+        )
 
     a, b = state("straight"), state("resumed")
     assert a["master_weights"][0].dtype == torch.float32
     assert all(torch.equal(x, y) for x, y in zip(a["master_weights"], b["master_weights"]))
     for name in ("straight", "resumed"):
         assert (runs / name / "checkpoints" / "step_00000006" / "model.safetensors").exists()
-    assert (runs / "straight" / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes() == \
-        (runs / "resumed" / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes()
+    assert (runs / "straight" / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes() == (
+        runs / "resumed" / "checkpoints" / "step_00000006" / "model.safetensors"
+    ).read_bytes()

@@ -59,8 +59,10 @@ def test_publish_writes_manifest_last_and_verifies(layout, monkeypatch):
     def spy(path, obj):  # the real write, after noting what the disk looked like at that moment
         if Path(path).name == READY:
             final = Path(path).parent
-            at_ready_write.update(renamed=final.is_dir() and not layout.tmp_checkpoint_dir(5).exists(),
-                                  files={rel: (final / rel).stat().st_size for rel in obj["files"]})
+            at_ready_write.update(
+                renamed=final.is_dir() and not layout.tmp_checkpoint_dir(5).exists(),
+                files={rel: (final / rel).stat().st_size for rel in obj["files"]},
+            )
         real_write(path, obj)
 
     monkeypatch.setattr(protocol, "atomic_write_json", spy)
@@ -69,7 +71,11 @@ def test_publish_writes_manifest_last_and_verifies(layout, monkeypatch):
     assert at_ready_write["renamed"], "READY was written before the folder was renamed into place"
     manifest = json.loads((ckpt / READY).read_text())
     assert at_ready_write["files"] == {rel: meta["size_bytes"] for rel, meta in manifest["files"].items()}
-    assert manifest["step"] == 5 and manifest["config_hash"] == "cfg123" and manifest["version"] == protocol.MANIFEST_VERSION
+    assert (
+        manifest["step"] == 5
+        and manifest["config_hash"] == "cfg123"
+        and manifest["version"] == protocol.MANIFEST_VERSION
+    )
     assert set(manifest["files"]) == {"model.safetensors", "config.json", "trainer_state/state.json"}
     on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != READY}
     assert set(manifest["files"]) == on_disk  # nothing in the folder is left out of the manifest
@@ -95,7 +101,9 @@ def test_newer_manifest_version_is_a_clear_error(layout):
     make_checkpoint(layout, 1)
     marker = layout.checkpoint_dir(1) / READY
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "version": protocol.MANIFEST_VERSION + 1}))
-    with pytest.raises(CheckpointInvalid, match=rf"manifest version {protocol.MANIFEST_VERSION + 1} is newer than this code reads"):
+    with pytest.raises(
+        CheckpointInvalid, match=rf"manifest version {protocol.MANIFEST_VERSION + 1} is newer than this code reads"
+    ):
         verify_checkpoint(layout.checkpoint_dir(1))
 
 
@@ -103,9 +111,16 @@ def test_version_1_manifests_still_verify_and_catch_damage(layout):
     """Checkpoints published before chunk hashes (one SHA-256 a file) keep verifying."""
     make_checkpoint(layout, 1)
     ckpt = layout.checkpoint_dir(1)
-    old = {"version": 1, "step": 1, "time": 0, "config_hash": "c",
-           "files": {rel: {"size_bytes": (ckpt / rel).stat().st_size, "sha256": protocol.file_sha256(ckpt / rel)}
-                     for rel in ("model.safetensors", "config.json", "trainer_state/state.json")}}
+    old = {
+        "version": 1,
+        "step": 1,
+        "time": 0,
+        "config_hash": "c",
+        "files": {
+            rel: {"size_bytes": (ckpt / rel).stat().st_size, "sha256": protocol.file_sha256(ckpt / rel)}
+            for rel in ("model.safetensors", "config.json", "trainer_state/state.json")
+        },
+    }
     (ckpt / READY).write_text(json.dumps(old))
     assert verify_checkpoint(ckpt)["version"] == 1
     data = bytearray((ckpt / "config.json").read_bytes())
@@ -163,7 +178,9 @@ def test_truncated_file_is_caught(layout):
     make_checkpoint(layout, 1)
     path = layout.checkpoint_dir(1) / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(CheckpointInvalid, match=r"model.safetensors: size mismatch \(699 bytes on disk, 700 in READY\)"):
+    with pytest.raises(
+        CheckpointInvalid, match=r"model.safetensors: size mismatch \(699 bytes on disk, 700 in READY\)"
+    ):
         verify_checkpoint(layout.checkpoint_dir(1))
 
 
@@ -250,15 +267,19 @@ def test_lease_and_heartbeat_of_a_live_process_then_a_dead_one(layout):
         holder.wait()
     # Same kernel and pid namespace: a vanished pid proves it dead at once, long before its timeout.
     assert live_presences(layout) == {}
-    result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={"default": False})  # as the trainer passes it
+    result = unpublish_old_checkpoints(
+        layout, keep_last=1, eval_backfill={"default": False}
+    )  # as the trainer passes it
     assert result.deleted == [2, 4] and not (layout.checkpoint_dir(2) / READY).exists()
     assert result.unseen_by == {2: ["default"], 4: ["default"]}
     entries = Ledger(layout.eval_dir("default")).read()
     assert entries[2]["status"] == entries[4]["status"] == Status.DELETED and "retention" in entries[2]["reason"]
 
 
-@pytest.mark.skipif(subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0,
-                    reason="needs unshare --pid (root)")
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0,
+    reason="needs unshare --pid (root)",
+)
 def test_a_holder_in_another_pid_namespace_is_alive_until_its_heartbeat_stops(layout):
     """Containers that share a host name but not a pid namespace: its pid means nothing here, so only
     its heartbeat counts (the old check deleted a live evaluator's lease)."""
@@ -282,7 +303,7 @@ def test_a_frozen_holder_goes_stale_and_its_claims_are_taken(layout):
     make_checkpoint(layout, 4)
     holder = start_holder(layout, timeout_s=2)
     try:
-        (owner_id, record), = live_presences(layout).items()
+        ((owner_id, record),) = live_presences(layout).items()
         ledger = Ledger(layout.eval_dir("default"))
         ledger.set(2, Status.RUNNING, owner=record["owner"], weights_id="x", attempts=1)
         os.kill(holder.pid, signal.SIGSTOP)
@@ -300,7 +321,9 @@ def test_a_frozen_holder_goes_stale_and_its_claims_are_taken(layout):
 def test_backfill_in_the_trainers_config_keeps_unseen_steps_without_an_evaluator(layout):
     for step in (2, 4, 6):
         make_checkpoint(layout, step)
-    Ledger(layout.eval_dir("default")).set(2, Status.DONE, weights_id=weights_id(read_manifest(layout.checkpoint_dir(2))))
+    Ledger(layout.eval_dir("default")).set(
+        2, Status.DONE, weights_id=weights_id(read_manifest(layout.checkpoint_dir(2)))
+    )
     result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={"default": True})
     assert result.deleted == [2] and "backfill" in result.kept_for[4] and result.unseen_by == {}
 
@@ -310,8 +333,11 @@ def _claim_loop(eval_dir, run_dir, steps, out):
 
     ledger, won = Ledger(Path(eval_dir)), []
     layout = RunLayout(Path(run_dir))
-    while (got := claim_next(ledger, {s: "w" for s in range(steps)}, alive=lambda o: True, backfill=False,
-                             newest_first=False)) is not None:
+    while (
+        got := claim_next(
+            ledger, {s: "w" for s in range(steps)}, alive=lambda o: True, backfill=False, newest_first=False
+        )
+    ) is not None:
         won.append(got.step)
         ledger.set(got.step, Status.DONE, weights_id="w")
     out.write_text(json.dumps(won))
@@ -322,8 +348,10 @@ def test_claim_next_is_exclusive_across_processes(tmp_path):
     """Three processes claim from one ledger, each claim held open 20 ms between read and write: without
     the lock they would take the same steps."""
     outs = [tmp_path / f"won{i}.json" for i in range(3)]
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, {repo!r}); from tests.test_protocol import _claim_loop; "
-            "_claim_loop({eval!r}, {run!r}, 12, Path(sys.argv[1]))")
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, {repo!r}); from tests.test_protocol import _claim_loop; "
+        "_claim_loop({eval!r}, {run!r}, 12, Path(sys.argv[1]))"
+    )
     code = code.format(repo=str(REPO), eval=str(tmp_path / "eval"), run=str(tmp_path))
     env = {**os.environ, "MATH_SFT_FAULT_LEDGER_HOLD_S": "0.02"}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, cwd=REPO) for out in outs]
@@ -334,9 +362,13 @@ def test_claim_next_is_exclusive_across_processes(tmp_path):
 
 def test_one_trainer_per_run(tmp_path):
     layout = RunLayout(tmp_path / "run")
-    code = ("import sys, time; sys.path.insert(0, {repo!r}); from shared.protocol import TrainerLock, RunLayout; "
-            "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))):\n    print('locked', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code.format(repo=str(REPO), run=str(layout.run_dir))], stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; sys.path.insert(0, {repo!r}); from shared.protocol import TrainerLock, RunLayout; "
+        "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))):\n    print('locked', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code.format(repo=str(REPO), run=str(layout.run_dir))], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunInUse, match=rf"another trainer is training this run \(pid {holder.pid} on"):

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from trainer.sft import compute_entropy, get_response_log_probs, masked_normalize, sft_microbatch_train_step, tokenize_prompt_and_output
+from trainer.sft import (
+    compute_entropy,
+    get_response_log_probs,
+    masked_normalize,
+    sft_microbatch_train_step,
+    tokenize_prompt_and_output,
+)
 
 
 class CharTokenizer:
@@ -54,10 +60,16 @@ class FixedLogits(torch.nn.Module):
 def test_get_response_log_probs():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
     model = FixedLogits(logits)
-    out = get_response_log_probs(model, torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]]), return_token_entropy=True)
+    out = get_response_log_probs(
+        model, torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]]), return_token_entropy=True
+    )
     assert out["log_probs"].tolist()[0] == pytest.approx([math.log(0.5), math.log(0.8)], abs=1e-6)
-    assert out["token_entropy"][0, 0].item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), abs=1e-6)
-    assert "token_entropy" not in get_response_log_probs(model, torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]]))
+    assert out["token_entropy"][0, 0].item() == pytest.approx(
+        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), abs=1e-6
+    )
+    assert "token_entropy" not in get_response_log_probs(
+        model, torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]])
+    )
 
 
 def test_masked_normalize():

@@ -13,8 +13,14 @@ from conftest import REPO, rewind_copy, run_service, service_env, start_service,
 from shared.protocol import READY, Ledger, Presence, RunLayout, Status, list_ready_checkpoints, verify_checkpoint
 
 CKPT_FILES = {
-    "READY", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-    "trainer_state/state.pt", "trainer_state/trainer_state.json",
+    "READY",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "trainer_state/state.pt",
+    "trainer_state/trainer_state.json",
 }
 
 
@@ -28,7 +34,11 @@ def train_log(run_dir):
 
 def test_checkpoint_files_and_logs(trained_run):
     layout = RunLayout(trained_run)
-    assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == [
+        "step_00000002",
+        "step_00000004",
+        "step_00000006",
+    ]
     for step in (2, 4, 6):
         ckpt = layout.checkpoint_dir(step)
         assert files_of(ckpt) == CKPT_FILES
@@ -77,18 +87,26 @@ def test_resume_gives_the_same_losses(trained_run, tmp_path, make_config):
     # the first process consumed random numbers that a resumed process never drew).
     import torch
 
-    rng = [torch.load(RunLayout(r).checkpoint_dir(6) / "trainer_state" / "state.pt", weights_only=True)["rng"]["torch"]
-           for r in (run, trained_run)]
+    rng = [
+        torch.load(RunLayout(r).checkpoint_dir(6) / "trainer_state" / "state.pt", weights_only=True)["rng"]["torch"]
+        for r in (run, trained_run)
+    ]
     assert torch.equal(rng[0], rng[1])
 
 
 def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    proc = start_service("trainer", "--config", cfg, log=tmp_path / "t.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"})
+    proc = start_service(
+        "trainer", "--config", cfg, log=tmp_path / "t.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
+    )
     try:
         # Wait until the second save is in progress (the first one published), then kill.
-        wait_for(lambda: layout.checkpoint_dir(2).joinpath(READY).exists() and layout.tmp_checkpoint_dir(4).exists(), 120, "save of step 4")
+        wait_for(
+            lambda: layout.checkpoint_dir(2).joinpath(READY).exists() and layout.tmp_checkpoint_dir(4).exists(),
+            120,
+            "save of step 4",
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -113,8 +131,15 @@ def test_write_error_during_save_fails_loudly_and_keeps_earlier_checkpoints(tmp_
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", make_config({"training": {"max_steps": 4}})], cwd=REPO,
-                          env=service_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", make_config({"training": {"max_steps": 4}})],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
     assert proc.returncode != 0
     assert "saving checkpoint 4" in proc.stderr and "File too large" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -149,7 +174,9 @@ def test_retention_keeps_leased_and_needed_checkpoints(tmp_path, make_config):
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    first = start_service("trainer", "--config", cfg, log=tmp_path / "first.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"})
+    first = start_service(
+        "trainer", "--config", cfg, log=tmp_path / "first.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
+    )
     try:
         wait_for(lambda: layout.tmp_checkpoint_dir(2).exists(), 120, "the first trainer's first save")
         second = run_service("trainer", "--config", cfg, check=False)
@@ -198,10 +225,15 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(r
 def test_a_tampered_trainer_state_is_refused_in_one_line_and_never_run(run_copy, tmp_path, make_config):
     ckpt = run_copy / "checkpoints" / "step_00000006"
     marker = tmp_path / "pwned"
-    payload = ("import os, torch\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch " + str(marker) + "',))\n"
-               f"torch.save({{'optimizer': P()}}, {str(ckpt / 'trainer_state' / 'state.pt')!r})\n")
+    payload = (
+        "import os, torch\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch "
+        + str(marker)
+        + "',))\n"
+        f"torch.save({{'optimizer': P()}}, {str(ckpt / 'trainer_state' / 'state.pt')!r})\n"
+    )
     subprocess.run([sys.executable, "-c", payload], check=True)
     from shared.protocol import build_manifest, atomic_write_json  # READY updated to match, as an attacker would
+
     atomic_write_json(ckpt / READY, build_manifest(ckpt, 6, "x"))
     proc = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}}), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -230,11 +262,17 @@ def test_losses_match_a_plain_loop_with_clipping(trained_run):
     template = load_prompt_template(cfg.prompt_template_path())
     data = load_dataset(tc.data)
     order = DataOrder(len(data), tc.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay
+    )
     for step in range(tc.max_steps):
         batch = [data[order[p]] for p in range(step * tc.batch_size, (step + 1) * tc.batch_size)]
-        mb = tokenize_prompt_and_output([render_prompt(template, ex) for ex in batch], [ex.response for ex in batch],
-                                        tokenizer, max_len=tc.max_seq_len)
+        mb = tokenize_prompt_and_output(
+            [render_prompt(template, ex) for ex in batch],
+            [ex.response for ex in batch],
+            tokenizer,
+            max_len=tc.max_seq_len,
+        )
         logits = model(input_ids=mb["input_ids"]).logits
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), mb["labels"], reduction="none")
         loss = (nll * mb["response_mask"]).sum() / mb["response_mask"].sum()

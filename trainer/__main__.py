@@ -61,7 +61,16 @@ def main() -> int:
         if len(visible) > 1 and physical_gpu_count() > 0:
             # Several GPUs: one process per GPU under torchrun (FSDP2). On one node; for several nodes
             # run torchrun yourself (see README), which sets WORLD_SIZE and skips this.
-            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(visible)}", "-m", "trainer", *sys.argv[1:]]
+            argv = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={len(visible)}",
+                "-m",
+                "trainer",
+                *sys.argv[1:],
+            ]
             print(f"trainer: launching {len(visible)} processes: {' '.join(argv[1:])}", flush=True)
             return launch_ranks(argv)
 

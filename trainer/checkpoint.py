@@ -126,8 +126,16 @@ class _Snapshot:
 
 
 class AsyncCheckpointer:
-    def __init__(self, layout: RunLayout, config_hash: str, model_files_dir: Path | None, keep_last: int | None, d: Dist = Dist(),
-                 eval_backfill: dict[str, bool] | None = None, master_weights: list[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        layout: RunLayout,
+        config_hash: str,
+        model_files_dir: Path | None,
+        keep_last: int | None,
+        d: Dist = Dist(),
+        eval_backfill: dict[str, bool] | None = None,
+        master_weights: list[torch.Tensor] | None = None,
+    ):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
@@ -143,7 +151,9 @@ class AsyncCheckpointer:
         self.static_files = {
             p.name: p.read_bytes()
             for p in (sorted(model_files_dir.iterdir()) if model_files_dir else [])
-            if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")) and p.name != READY
+            if p.is_file()
+            and not p.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt"))
+            and p.name != READY
         }
         self._model_snapshot = _Snapshot()
         self._state_snapshot = _Snapshot()
@@ -160,7 +170,9 @@ class AsyncCheckpointer:
             return  # CPU: plain buffers, allocated on first use in no time
         # Sharded: weights are gathered to rank 0 at save time, only this rank's state is snapshotted.
         weights = {} if self.d.enabled else untied_state_dict(model)
-        self._thread = threading.Thread(target=self._allocate, args=(weights, self._state_tree(optimizer)), name="ckpt-alloc", daemon=True)
+        self._thread = threading.Thread(
+            target=self._allocate, args=(weights, self._state_tree(optimizer)), name="ckpt-alloc", daemon=True
+        )
         self._thread.start()
 
     def _allocate(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -170,7 +182,9 @@ class AsyncCheckpointer:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             self._error = CheckpointWriteError(f"allocating checkpoint buffers failed: {exc}")
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> dict[str, float]:
+    def save(
+        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+    ) -> dict[str, float]:
         """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held."""
         t0 = time.perf_counter()
         waited = self.wait()
@@ -185,7 +199,9 @@ class AsyncCheckpointer:
         else:
             weights = self._model_snapshot.take(untied_state_dict(model))
         state = self._state_snapshot.take(self._state_tree(optimizer))
-        self._thread = threading.Thread(target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True
+        )
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
 
@@ -217,7 +233,9 @@ class AsyncCheckpointer:
 
     # -- background thread -------------------------------------------------------------------
 
-    def _write(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+    def _write(
+        self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], trainer_state: dict[str, Any]
+    ) -> None:
         tmp = self.layout.tmp_checkpoint_dir(step)
         try:
             self._model_snapshot.wait_host()
@@ -236,7 +254,9 @@ class AsyncCheckpointer:
                         hashed[name] = write_hashed(tmp / name, data)
                         _fault_pause()
                     meta = json.dumps(trainer_state, indent=2, sort_keys=True).encode()
-                    hashed[f"{TRAINER_STATE_DIR}/trainer_state.json"] = write_hashed(tmp / TRAINER_STATE_DIR / "trainer_state.json", meta)
+                    hashed[f"{TRAINER_STATE_DIR}/trainer_state.json"] = write_hashed(
+                        tmp / TRAINER_STATE_DIR / "trainer_state.json", meta
+                    )
                 hashed.update(state_done.result())
             if not self.d.is_main:
                 self.last_published = step
@@ -253,7 +273,10 @@ class AsyncCheckpointer:
         try:
             self._apply_retention()
         except Exception as exc:  # noqa: BLE001 - the checkpoint is published; retention must not stop training
-            print(f"warning: retention after step {step} failed, nothing more deleted this time: {type(exc).__name__}: {exc}")
+            print(
+                f"warning: retention after step {step} failed, nothing more deleted this time: "
+                f"{type(exc).__name__}: {exc}"
+            )
 
     def _write_state(self, tmp: Path, state: dict[str, Any]) -> dict[str, list[str]]:
         """This rank's optimizer state and RNG. It appears under its final name only when complete (rename),
@@ -271,7 +294,9 @@ class AsyncCheckpointer:
         names = [state_file_name(Dist(rank, self.d.world)) for rank in range(self.d.world)]
         while not all((tmp / TRAINER_STATE_DIR / n).exists() for n in names):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"other ranks did not write their optimizer shards into {tmp} within {timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"other ranks did not write their optimizer shards into {tmp} within {timeout_s:.0f}s"
+                )
             time.sleep(0.05)
 
     def _apply_retention(self) -> None:
@@ -283,8 +308,10 @@ class AsyncCheckpointer:
         for step in outcome.deleted:
             shutil.rmtree(self.layout.checkpoint_dir(step), ignore_errors=True)
             if step in outcome.unseen_by:
-                print(f"retention: deleted step {step} before evaluation(s) {', '.join(outcome.unseen_by[step])} saw it "
-                      f"(recorded as deleted in their ledgers)")
+                print(
+                    f"retention: deleted step {step} before evaluation(s) {', '.join(outcome.unseen_by[step])} saw it "
+                    f"(recorded as deleted in their ledgers)"
+                )
         for step, why in sorted(outcome.kept_for.items()):
             if step not in self._announced_kept:
                 print(f"retention: keeping step {step} beyond keep_last={self.keep_last}: {why}")
@@ -297,8 +324,18 @@ def _fault_pause() -> None:
         time.sleep(delay)
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                       torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> list[str]:
@@ -308,7 +345,11 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> list[str]
     offset = 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the format's own writer does
@@ -345,8 +386,9 @@ def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> dict[str,
         _fault_pause()
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    hashed["model.safetensors.index.json"] = write_hashed(out / "model.safetensors.index.json",
-                                                          json.dumps(index, indent=2, sort_keys=True).encode())
+    hashed["model.safetensors.index.json"] = write_hashed(
+        out / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode()
+    )
     return hashed
 
 
@@ -371,17 +413,25 @@ def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> dict[str, Any]
     anything else in the file (a pickled object) is refused, never run."""
     saved_world = read_trainer_meta(checkpoint_dir).get("world_size", 1)
     if saved_world != d.world:
-        raise ResumeError(f"{checkpoint_dir} was written by {saved_world} training process(es) and this run has {d.world}; "
-                          f"resume with {saved_world} GPU(s) in training.gpus, or start a new run_name")
+        raise ResumeError(
+            f"{checkpoint_dir} was written by {saved_world} training process(es) and this run has {d.world}; "
+            f"resume with {saved_world} GPU(s) in training.gpus, or start a new run_name"
+        )
     path = checkpoint_dir / TRAINER_STATE_DIR / state_file_name(d)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own text advises weights_only=False; only its line naming the offending object is kept.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln and "documentation" not in ln]
+        lines = [
+            ln.strip()
+            for ln in str(exc).splitlines()
+            if ln.strip() and "weights_only" not in ln and "documentation" not in ln
+        ]
         reason = lines[0].rstrip(".") if lines else "it holds more than tensors"
-        raise CheckpointInvalid(f"{path}: refused: not a plain tensor file ({reason}); "
-                                "a file that runs code when loaded is never loaded here") from None
+        raise CheckpointInvalid(
+            f"{path}: refused: not a plain tensor file ({reason}); "
+            "a file that runs code when loaded is never loaded here"
+        ) from None
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

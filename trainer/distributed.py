@@ -87,7 +87,10 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """This rank's shard of the optimizer state, as plain tensors (DTensors unwrapped)."""
     state = optimizer.state_dict()
     return {
-        "state": {k: {n: (v.to_local() if hasattr(v, "to_local") else v) for n, v in s.items()} for k, s in state["state"].items()},
+        "state": {
+            k: {n: (v.to_local() if hasattr(v, "to_local") else v) for n, v in s.items()}
+            for k, s in state["state"].items()
+        },
         "param_groups": state["param_groups"],
     }
 
@@ -102,7 +105,8 @@ def load_local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str
         param = params[int(key)]
         state[key] = {
             name: DTensor.from_local(v.to(param.device), param.device_mesh, param.placements, run_check=False)
-            if isinstance(param, DTensor) and v.dim() > 0 else v
+            if isinstance(param, DTensor) and v.dim() > 0
+            else v
             for name, v in entry.items()
         }
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

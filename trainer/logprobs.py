@@ -21,8 +21,15 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
     """Autocast is off inside: both operands are cast to `compute_dtype` here, explicitly, in both passes."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
-                with_entropy: bool, compute_dtype: torch.dtype):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk_rows: int,
+        with_entropy: bool,
+        compute_dtype: torch.dtype,
+    ):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         log_probs = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         log_z = torch.empty_like(log_probs)
@@ -45,7 +52,9 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         h, weight, labels, log_z = ctx.saved_tensors
         w = weight.to(h.dtype)
         grad_hidden = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        )
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.shape[0], ctx.chunk_rows):
                 rows = slice(start, start + ctx.chunk_rows)
@@ -57,31 +66,58 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
                     grad_hidden[rows] = grad_logits @ w
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h[rows]).float()
-        return (None if grad_hidden is None else grad_hidden.to(ctx.hidden_dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+        return (
+            None if grad_hidden is None else grad_hidden.to(ctx.hidden_dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, with_entropy: bool = False,
-                     chunk_rows: int = DEFAULT_CHUNK_ROWS, compute_dtype: torch.dtype | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(hidden @ weight.T)[label] per row (float32, differentiable in hidden and weight), and the
     entropy of each row's distribution (no gradient) when asked. hidden (N, D), weight (V, D), labels (N,).
     The matrix products run in `compute_dtype` (default: hidden's dtype)."""
-    log_probs, entropy = _ChunkedLinearLogProbs.apply(hidden, weight, labels, chunk_rows, with_entropy,
-                                                      compute_dtype or hidden.dtype)
+    log_probs, entropy = _ChunkedLinearLogProbs.apply(
+        hidden, weight, labels, chunk_rows, with_entropy, compute_dtype or hidden.dtype
+    )
     return log_probs, entropy if with_entropy else None
 
 
-def response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor, *,
-                       with_entropy: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS, compute_dtype: torch.dtype | None = None,
-                       **model_kwargs) -> dict[str, torch.Tensor]:
+def response_log_probs(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    compute_dtype: torch.dtype | None = None,
+    **model_kwargs,
+) -> dict[str, torch.Tensor]:
     """{log_probs, token_entropy?} shaped like `labels`, computed only where `response_mask` is true (zero
     elsewhere): the decoder runs once, the LM head only on response positions, in chunks."""
     hidden = model.model(input_ids=input_ids, **model_kwargs).last_hidden_state
     where = response_mask.reshape(-1).nonzero().squeeze(1)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
-    log_probs, entropy = linear_log_probs(picked, model.lm_head.weight, labels.reshape(-1).index_select(0, where),
-                                          with_entropy=with_entropy, chunk_rows=chunk_rows, compute_dtype=compute_dtype)
+    log_probs, entropy = linear_log_probs(
+        picked,
+        model.lm_head.weight,
+        labels.reshape(-1).index_select(0, where),
+        with_entropy=with_entropy,
+        chunk_rows=chunk_rows,
+        compute_dtype=compute_dtype,
+    )
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(labels.numel(), dtype=torch.float32, device=hidden.device)
@@ -96,6 +132,10 @@ def response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, res
 def supports_chunked_head(model) -> bool:
     """The model's head is a plain bias-free linear layer after `model.model` (Qwen2, Llama, Mistral...)."""
     head = getattr(model, "lm_head", None)
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
-            and getattr(model.config, "final_logit_softcapping", None) is None
-            and getattr(model.config, "logit_scale", None) in (None, 1, 1.0))
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hasattr(model, "model")
+        and getattr(model.config, "final_logit_softcapping", None) is None
+        and getattr(model.config, "logit_scale", None) in (None, 1, 1.0)
+    )

@@ -70,8 +70,12 @@ def _torch_varlen_attention(module, query, key, value, attention_mask, scaling=N
     from torch.nn.attention.varlen import varlen_attn
 
     if query.shape[0] != 1 or "cu_seq_lens_q" not in kwargs:
-        raise ValueError("torch_varlen attention takes one packed row with cu_seq_lens_q/max_length_q (see trainer/packing.py)")
-    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}  # torch >= 2.12 asks
+        raise ValueError(
+            "torch_varlen attention takes one packed row with cu_seq_lens_q/max_length_q (see trainer/packing.py)"
+        )
+    gqa = (
+        {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    )  # torch >= 2.12 asks
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     packed = [t.transpose(1, 2)[0] for t in (query, key, value)]  # (T, H, D)
     out = varlen_attn(*packed, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), **gqa)  # (-1, 0): causal
@@ -108,5 +112,7 @@ def packed_forward_kwargs(mb: dict, device: torch.device, varlen: bool) -> dict:
     kwargs = {"position_ids": mb["position_ids"].to(device, non_blocking=True)}
     if varlen:
         cu = mb["cu_seq_lens"].to(device, non_blocking=True)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mb["max_seq_len"], max_length_k=mb["max_seq_len"])
+        kwargs.update(
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mb["max_seq_len"], max_length_k=mb["max_seq_len"]
+        )
     return kwargs

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], tokenizer, max_len: int | None = None) -> dict[str, torch.Tensor]:
+def tokenize_prompt_and_output(
+    prompt_strs: list[str], output_strs: list[str], tokenizer, max_len: int | None = None
+) -> dict[str, torch.Tensor]:
     """Tokenize prompts and outputs separately, concatenate, right-pad with the pad token.
 
     Returns `input_ids` (without the last token), `labels` (without the first) and `response_mask`
@@ -38,8 +40,9 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return log_z - (probs * logits).sum(dim=-1)
 
 
-def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, return_token_entropy: bool = False,
-                           **model_kwargs) -> dict[str, torch.Tensor]:
+def get_response_log_probs(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, return_token_entropy: bool = False, **model_kwargs
+) -> dict[str, torch.Tensor]:
     """Per-token log p(label | prefix) under `model`, shape (batch, seq); optionally the entropy too.
 
     No attention mask is needed: padding is on the right, so under causal attention no real token
@@ -54,15 +57,21 @@ def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
     return out
 
 
-def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: float, dim: int | None = None) -> torch.Tensor:
+def masked_normalize(
+    tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: float, dim: int | None = None
+) -> torch.Tensor:
     """Sum of `tensor` where `mask` is true (over `dim`, or everything), divided by `normalize_constant`."""
     masked = tensor * mask.to(tensor.dtype)
     total = masked.sum() if dim is None else masked.sum(dim=dim)
     return total / normalize_constant
 
 
-def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor, gradient_accumulation_steps: int,
-                              normalize_constant: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def sft_microbatch_train_step(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: int,
+    normalize_constant: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked NLL summed over the sequence / normalize_constant, averaged over the batch, divided by
     the accumulation steps; back-propagates it and returns it."""
     per_example = -masked_normalize(policy_log_probs, response_mask, normalize_constant, dim=-1)

@@ -44,7 +44,13 @@ from trainer.distributed import (
 from trainer.embedded import save_embedded_model
 from trainer.logprobs import response_log_probs, supports_chunked_head
 from trainer.master import MasterWeights
-from trainer.packing import group_by_budget, packed_forward_kwargs, packed_microbatch, tokenize_examples, use_packed_attention
+from trainer.packing import (
+    group_by_budget,
+    packed_forward_kwargs,
+    packed_microbatch,
+    tokenize_examples,
+    use_packed_attention,
+)
 from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
 
 
@@ -132,8 +138,10 @@ def check_resume(cfg: Config, layout: RunLayout, checkpoint: Path, log) -> int:
     old_max_steps = saved["training"]["max_steps"]
     if old_max_steps != cfg.training.max_steps and step < cfg.training.max_steps:
         old_tc = dataclasses.replace(cfg.training, max_steps=old_max_steps)
-        log(f"resume: the cosine schedule now ends at step {cfg.training.max_steps}, not {old_max_steps}: learning rate at "
-            f"step {step} is {lr_at(step, cfg.training):.3e} (it was {lr_at(step, old_tc):.3e} on the old schedule)")
+        log(
+            f"resume: the cosine schedule now ends at step {cfg.training.max_steps}, not {old_max_steps}: "
+            f"learning rate at step {step} is {lr_at(step, cfg.training):.3e} (it was {lr_at(step, old_tc):.3e} on the old schedule)"
+        )
     return step
 
 
@@ -145,9 +153,15 @@ def make_micro_batches(prompts: list[str], responses: list[str], tokenizer, tc, 
         examples = tokenize_examples(prompts, responses, tokenizer, tc.max_seq_len)
         groups = group_by_budget([len(ids) - 1 for ids, _ in examples], tc.micro_batch_tokens)
         return [packed_microbatch([examples[i] for i in group]) for group in groups], 1
-    micro = [tokenize_prompt_and_output(prompts[i : i + tc.micro_batch_size], responses[i : i + tc.micro_batch_size],
-                                        tokenizer, max_len=tc.max_seq_len)
-             for i in range(0, len(prompts), tc.micro_batch_size)]
+    micro = [
+        tokenize_prompt_and_output(
+            prompts[i : i + tc.micro_batch_size],
+            responses[i : i + tc.micro_batch_size],
+            tokenizer,
+            max_len=tc.max_seq_len,
+        )
+        for i in range(0, len(prompts), tc.micro_batch_size)
+    ]
     return micro, tc.batch_size // (tc.micro_batch_size * d.world)
 
 
@@ -162,15 +176,19 @@ def profile_if_asked(d):
 
     def write(prof) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        tables = [prof.key_averages().table(sort_by=key, row_limit=30) for key in ("self_cuda_time_total", "self_cpu_time_total")]
+        tables = [
+            prof.key_averages().table(sort_by=key, row_limit=30)
+            for key in ("self_cuda_time_total", "self_cpu_time_total")
+        ]
         (Path(out) / "profile.txt").write_text("\n\n".join(tables))
         prof.export_chrome_trace(str(Path(out) / "trace.json"))
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=8, warmup=1, active=3),
-                                      on_trace_ready=write)
+    profiler = torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=8, warmup=1, active=3), on_trace_ready=write
+    )
     profiler.start()
     return profiler
 
@@ -203,12 +221,20 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- setup (nothing written yet)
     if tc.batch_size % (tc.micro_batch_size * d.world):
-        raise ConfigError(f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
-                         f"({tc.micro_batch_size}) x {d.world} processes")
+        raise ConfigError(
+            f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
+            f"({tc.micro_batch_size}) x {d.world} processes"
+        )
     if tc.micro_batch_tokens and d.enabled:  # ranks would run different numbers of passes, and FSDP needs them equal
-        raise ConfigError("training.micro_batch_tokens (packing) is for one process so far; set it to null with several GPUs")
+        raise ConfigError(
+            "training.micro_batch_tokens (packing) is for one process so far; set it to null with several GPUs"
+        )
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[tc.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[tc.dtype]
     # Sharded training keeps fp32 master parameters and computes in `dtype`; one process trains in `dtype`.
     param_dtype = torch.float32 if d.enabled else dtype
     log = print if d.is_main else (lambda *a, **k: None)
@@ -224,13 +250,17 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         for leftover in remove_incomplete_checkpoints(layout.checkpoints_dir):
             print(f"removed incomplete checkpoint {leftover}")
         if not list_ready_checkpoints(layout.checkpoints_dir):
-            resolve_model_path(cfg, layout, template, train_set)  # builds the embedded model once, before other ranks look
+            resolve_model_path(
+                cfg, layout, template, train_set
+            )  # builds the embedded model once, before other ranks look
     # Rank 0 verifies (hashes every file once); the other ranks take its choice.
     resume_from = from_main(newest_valid_checkpoint(layout) if d.is_main else None, d)
     start_step = check_resume(cfg, layout, resume_from, log) if resume_from else 0
     if start_step >= tc.max_steps:
-        log(f"{layout.run_dir}: already trained to step {start_step} (training.max_steps={tc.max_steps}); nothing to do. "
-            f"Raise training.max_steps to train further.")
+        log(
+            f"{layout.run_dir}: already trained to step {start_step} (training.max_steps={tc.max_steps}); "
+            "nothing to do. Raise training.max_steps to train further."
+        )
         shutdown(d)
         return {"step": start_step, "last_checkpoint": start_step}
     tracker = Tracker(cfg, "train", "train_step", layout.run_dir) if d.is_main else None
@@ -252,8 +282,13 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     # One process in bf16: the optimizer updates fp32 masters (sharded training has fp32 parameters already).
     master = MasterWeights(model) if tc.master_weights and not d.enabled and param_dtype != torch.float32 else None
     trained = master.params if master else list(model.parameters())  # what the optimizer and clipping see
-    optimizer = torch.optim.AdamW(trained, lr=tc.learning_rate, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda" and not d.enabled)
+    optimizer = torch.optim.AdamW(
+        trained,
+        lr=tc.learning_rate,
+        betas=tuple(tc.adam_betas),
+        weight_decay=tc.weight_decay,
+        fused=device.type == "cuda" and not d.enabled,
+    )
     # The LM head applied in chunks, only at response tokens (one process: FSDP must run the whole model).
     chunked_head = not d.enabled and supports_chunked_head(model)
     if resume_from:
@@ -270,14 +305,26 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         log(f"resumed from {resume_from} (step {start_step})")
     # Only rank 0 writes model files into checkpoints.
     files_dir = model_files_dir(model_path, model, tokenizer, layout) if d.is_main else None
-    checkpointer = AsyncCheckpointer(layout, cfg.hash(), files_dir, tc.keep_last, d,
-                                    eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
-                                    master_weights=master.params if master else None)
+    checkpointer = AsyncCheckpointer(
+        layout,
+        cfg.hash(),
+        files_dir,
+        tc.keep_last,
+        d,
+        eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
+        master_weights=master.params if master else None,
+    )
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
-    log(f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}{' (fp32 master weights)' if master else ''}, "
-        f"{device} x {d.world}; {len(train_set)} training examples; "
-        + (f"packed micro-batches of <= {tc.micro_batch_tokens} tokens ({'varlen flash' if varlen else 'sdpa'} attention)"
-           if tc.micro_batch_tokens else f"padded micro-batches of {tc.micro_batch_size} examples"))
+    attention = "varlen flash" if varlen else "sdpa"
+    batching = (
+        f"packed micro-batches of <= {tc.micro_batch_tokens} tokens ({attention} attention)"
+        if tc.micro_batch_tokens
+        else f"padded micro-batches of {tc.micro_batch_size} examples"
+    )
+    log(
+        f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}{' (fp32 master weights)' if master else ''}, "
+        f"{device} x {d.world}; {len(train_set)} training examples; {batching}"
+    )
 
     # Ctrl-C or SIGTERM (on any rank): every rank stops after the same step, finishes the pending save, exits 0.
     stop = StopFlag(d, device)
@@ -288,8 +335,14 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     # disable=None: a bar on a terminal only (piped, as in `make demo`, it would garble the other service's lines)
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
-               disable=None if d.is_main else True)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start_step,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=None if d.is_main else True,
+    )
     local_batch = tc.batch_size // d.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
@@ -312,10 +365,13 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                 forward = packed_forward_kwargs(mb, device, varlen) if tc.micro_batch_tokens else {}
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if isinstance(v, torch.Tensor)}
                 if chunked_head:
-                    out = response_log_probs(model, mb["input_ids"], mb["labels"], mb["response_mask"], with_entropy=log_now,
-                                             **forward)
+                    out = response_log_probs(
+                        model, mb["input_ids"], mb["labels"], mb["response_mask"], with_entropy=log_now, **forward
+                    )
                 else:
-                    out = get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=log_now, **forward)
+                    out = get_response_log_probs(
+                        model, mb["input_ids"], mb["labels"], return_token_entropy=log_now, **forward
+                    )
                 loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], grad_accum_steps, normalize)
                 loss_sum += loss.detach()
                 if log_now:
@@ -334,35 +390,54 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                saved = checkpointer.save(step, model, optimizer, {"step": step, "config_hash": cfg.hash(), "config": cfg.to_dict()})
-                metrics.update({"train/checkpoint_blocked_s": saved["blocked_s"], "train/checkpoint_waited_s": saved["waited_for_previous_s"]})
-                if saved["waited_for_previous_s"] > 1.0:  # every checkpoint is kept, so a slow disk stalls the loop: say so
-                    log(f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for the previous "
-                        f"save to finish: writing takes longer than training.eval_every={tc.eval_every} steps here; "
-                        "raise eval_every, or write checkpoints to a faster disk")
+                saved = checkpointer.save(
+                    step, model, optimizer, {"step": step, "config_hash": cfg.hash(), "config": cfg.to_dict()}
+                )
+                metrics.update(
+                    {
+                        "train/checkpoint_blocked_s": saved["blocked_s"],
+                        "train/checkpoint_waited_s": saved["waited_for_previous_s"],
+                    }
+                )
+                # Every checkpoint is kept, so a slow disk stalls the loop: say so.
+                if saved["waited_for_previous_s"] > 1.0:
+                    log(
+                        f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for the "
+                        f"previous save to finish: writing takes longer than training.eval_every={tc.eval_every} steps "
+                        "here; raise eval_every, or write checkpoints to a faster disk"
+                    )
             if log_now or metrics:
                 # Global figures (sums over ranks); this waits for the device: only on logging steps.
                 loss_value = all_reduce_sum(loss_sum, d, device) / d.world
                 elapsed = time.perf_counter() - interval_t0
                 tokens_per_s = all_reduce_sum(interval_tokens, d, device) / elapsed
                 grad_norm = float(full_tensor(grad_norm))
-                metrics.update({
-                    "train_step": step,
-                    "train/loss": loss_value,
-                    "train/grad_norm": grad_norm,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/tokens_per_s": tokens_per_s,
-                    "train/step_s": elapsed / interval_steps,
-                })
+                metrics.update(
+                    {
+                        "train_step": step,
+                        "train/loss": loss_value,
+                        "train/grad_norm": grad_norm,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/tokens_per_s": tokens_per_s,
+                        "train/step_s": elapsed / interval_steps,
+                    }
+                )
                 if log_now:
-                    metrics["train/response_entropy"] = all_reduce_sum(entropy_sum, d, device) / max(1, num_response_tokens)
+                    metrics["train/response_entropy"] = all_reduce_sum(entropy_sum, d, device) / max(
+                        1, num_response_tokens
+                    )
                 if peak_flops:
                     metrics["train/mfu"] = flops_per_token * tokens_per_s / peak_flops
                     metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 if tracker:
                     tracker.log(metrics)
-                bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{grad_norm:.2f}", lr=f"{metrics['train/lr']:.2e}",
-                                tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    gnorm=f"{grad_norm:.2f}",
+                    lr=f"{metrics['train/lr']:.2e}",
+                    tok_s=f"{tokens_per_s:.0f}",
+                    refresh=False,
+                )
                 interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
             bar.update(1)
             if profiler is not None:
@@ -380,5 +455,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         if tracker:
             tracker.finish()
         shutdown(d)
-    log(f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)")
+    log(
+        f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)"
+    )
     return {"step": step, "last_checkpoint": checkpointer.last_published}
