@@ -150,12 +150,17 @@ def claim_step(
     return ledger.update(pick)
 
 
+def holds_claim(entry: dict[str, Any] | None, owner_id: str) -> bool:
+    """Is `entry` a running claim of `owner_id`? The fence every change to a claimed step passes first."""
+    return bool(entry) and entry["status"] == Status.RUNNING and entry.get("owner", {}).get("id") == owner_id
+
+
 def give_back(ledger: Ledger, step: int, owner_id: str) -> None:
     """A stopped evaluator returns its claim: pending, first in line, and the attempt does not count."""
 
     def apply(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step)
-        if entry and entry["status"] == Status.RUNNING and entry.get("owner", {}).get("id") == owner_id:
+        if holds_claim(entry, owner_id):
             entries[step] = {
                 **entry,
                 "status": Status.PENDING,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from evaluator.backends import EngineError, Generation
 from evaluator.grader import GraderPool
-from evaluator.scheduler import claim_next, claim_step, give_back
+from evaluator.scheduler import claim_next, claim_step, give_back, holds_claim
 from evaluator.watcher import CheckpointWatcher
 from shared.config import Config
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
@@ -244,11 +244,10 @@ def _record(
 ) -> None:
     eval_dir = ledger.path.parent
     result_path = eval_dir / f"{step_dirname(step)}.json"
-    me = evaluator.owner_id
 
     def commit(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step, {})
-        if entry.get("status") != Status.RUNNING or entry.get("owner", {}).get("id") != me:
+        if not holds_claim(entry, evaluator.owner_id):
             raise ClaimLost(
                 f"step {step}: result discarded: this evaluator no longer holds the step "
                 f"(now {entry.get('status', 'unclaimed')}; its heartbeat went stale and another evaluator took it)"
@@ -273,7 +272,7 @@ def _record(
 def _record_failure(ledger: Ledger, evaluator: Evaluator, step: int, reason: str) -> None:
     def commit(entries: dict[int, dict[str, Any]]) -> bool:
         entry = entries.get(step, {})
-        if entry.get("status") != Status.RUNNING or entry.get("owner", {}).get("id") != evaluator.owner_id:
+        if not holds_claim(entry, evaluator.owner_id):
             return False
         entries[step] = {**entry, "status": Status.FAILED, "time": time.time(), "reason": reason}
         return True
