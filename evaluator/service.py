@@ -32,7 +32,7 @@ from shared.protocol import (
     atomic_write_json,
     current_owner,
     folder_weights_id,
-    live_presences,
+    owner_alive,
     parse_step,
     read_manifest,
     ready_weights_ids,
@@ -347,7 +347,7 @@ def _alive_fn(layout: RunLayout | None, evaluator: Evaluator):
     def alive(owner: dict[str, Any]) -> bool:
         if owner.get("id") == evaluator.owner_id:
             return True
-        return layout is not None and owner.get("id") in live_presences(layout)
+        return layout is not None and owner_alive(layout, owner)
 
     return alive
 
