@@ -103,7 +103,7 @@ class TrainingConfig:
     them rounded to bf16 (without, most updates at lr 2e-5 round away). +6 bytes per parameter (1.5B: +14 GB)."""
     compile: bool | None = None
     """torch.compile each decoder layer (dynamic shapes); null = on with CUDA, where it was measured faster
-    (BENCHMARKS.md: 1.24x on 8 x 1024 tokens, 1.30x on real lengths, H200), off on the CPU (slow to compile)."""
+    (BENCHMARKS.md: 1.25x on 8 x 1024 tokens, H200, on and off in one call), off on the CPU (slow to compile)."""
     max_seq_len: int = 1024
     """Prompt + response tokens kept per example; longer examples are truncated from the right."""
     learning_rate: float = 2e-5
