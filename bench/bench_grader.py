@@ -70,13 +70,14 @@ def main() -> None:
         pool = GraderPool(workers, timeout_s=5.0)
         pool.grade(responses[:50], truths[:50])  # warm the workers' imports and caches
         t0 = time.perf_counter()
-        rewards, stats = pool.grade(responses, truths)
+        rewards, problems = pool.grade(responses, truths)
         seconds = time.perf_counter() - t0
         pool.close()
         figures[f"workers_{workers}"] = {
             "seconds": round(seconds, 2),
             "cases_per_s": round(args.num / seconds),
-            **stats,
+            "grader_timeouts": problems.count("timeout"),
+            "grader_errors": problems.count("error"),
             "accuracy": round(sum(r["reward"] for r in rewards) / args.num, 3),
         }
     report("grader", num=args.num, **figures, command="python -m bench.bench_grader")

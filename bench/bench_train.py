@@ -109,6 +109,7 @@ def main() -> None:
         "model": {"path": str(model_dir)},
         "training": {
             "gpus": list(range(args.gpus)),
+            "publish_step0": False,  # the timed steps and the stall saves only, as before step 0 existed
             "data": {"path": str(data), "format": "sft"},
             "max_steps": 80 if stall else REAL_STEPS if args.lengths else 25,
             "batch_size": 8 * args.gpus,

@@ -1,8 +1,10 @@
 """`make gpu-check`: on a machine with two GPUs, run the product for real and print pass/fail.
 
 1. A fine-tune (trainer on GPU 0) with the evaluator on GPU 1 using vLLM: one engine, every later
-   checkpoint reloaded in place, accuracy rising across at least 5 checkpoints.
-2. The GPU tests (`pytest -m gpu`): vLLM after an in-place reload generates what transformers generates.
+   checkpoint reloaded in place, step 0 (the base model) and at least 4 more checkpoints evaluated on two
+   sets with n > 1, pass@k and maj@k in the results and in W&B's offline files, accuracy rising.
+2. Reproducibility: the last checkpoint evaluated again by two fresh evaluator processes gives the same samples.
+3. The GPU tests (`pytest -m gpu`): vLLM after an in-place reload generates what transformers generates.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ from bench.common import REPO
 from shared.launch import physical_gpu_count
 
 
+def samples_after_restart(config: str, run_dir, step: int) -> list[str]:
+    """The last checkpoint evaluated by two fresh evaluator processes: each set's samples file, twice."""
+    texts = []
+    for out in ("again-1", "again-2"):
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        subprocess.run(
+            [sys.executable, "-m", "evaluator", "--config", config, "--ckpt", str(ckpt), "--out", str(run_dir / out)]
+            + ["wandb.mode=disabled"],
+            cwd=REPO,
+            check=True,
+        )
+        texts.append("".join(p.read_text() for p in sorted((run_dir / out).glob(f"*/step_{step:08d}.samples.jsonl"))))
+    return texts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
     parser.add_argument("--config", default=str(REPO / "config" / "gpu-check.yaml"))
@@ -25,22 +42,32 @@ def main() -> int:
     checks.append(("two GPUs", gpus >= 2, f"{gpus} found"))
     if gpus >= 2:
         from demo.__main__ import run_demo
+        from evaluator.metrics import result_sets
+        from shared.tracking import read_wandb_history
 
         layout, results = run_demo(args.config, [])
         loads = [r["load"] for r in results]
-        acc = [r["metrics"]["accuracy"] for r in results]
-        checks.append((">= 5 checkpoints evaluated", len(results) >= 5, f"{len(results)}"))
-        checks.append(
-            (
-                "vLLM backend",
-                all(r["backend"] == "vllm" for r in results),
-                ", ".join(sorted({r["backend"] for r in results})),
-            )
-        )
+        steps = [r["step"] for r in results]
+        checks.append(("step 0 and >= 4 checkpoints evaluated", steps[:1] == [0] and len(steps) >= 5, f"{steps}"))
+        backends = {r["backend"] for r in results}
+        checks.append(("vLLM backend", backends == {"vllm"}, ", ".join(sorted(backends))))
         checks.append(("one engine, weights swapped in place", loads.count("new-engine") == 1, ", ".join(loads)))
-        checks.append(
-            ("accuracy rises", len(acc) >= 2 and acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc))
-        )
+        sets = result_sets(results[-1])
+        for name, r in sets.items():
+            n = r["sampling"]["n"]
+            keys = {f"pass@{n}", f"maj@{n}"}
+            checks.append((f"{name}: n > 1, pass@k and maj@k", n > 1 and keys <= set(r["metrics"]), f"n={n}"))
+        first = next(iter(sets))
+        acc = [result_sets(r)[first]["metrics"]["accuracy"] for r in results]
+        checks.append(("accuracy rises", acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc)))
+        eval_dir = layout.eval_dir("default")
+        rows = [row for path in (eval_dir / "wandb").rglob("*.wandb") for row in read_wandb_history(path)]
+        logged = {row["train_step"] for row in rows if any(k.startswith(f"eval/{first}/pass@") for k in row)}
+        checks.append(("W&B offline files: pass@k of every step", logged == set(steps), f"{sorted(logged)}"))
+        a, b = samples_after_restart(args.config, layout.run_dir, steps[-1])
+        lines_a, lines_b = a.splitlines(), b.splitlines()
+        same = sum(x == y for x, y in zip(lines_a, lines_b)) / max(1, len(lines_a))
+        checks.append(("same samples after an evaluator restart", same == 1.0, f"{same:.1%} of {len(lines_a)}"))
     if not args.skip_tests:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=REPO)
         checks.append(("pytest -m gpu", proc.returncode == 0, f"exit {proc.returncode}"))

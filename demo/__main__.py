@@ -64,9 +64,13 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     layout = RunLayout(cfg.run_dir)
     config_args = (["--config", config] if config else []) + overrides
     t0 = time.perf_counter()
+    sets = ", ".join(
+        f"{s.name} ({s.num_samples or 'all'} problems x {s.n} sample{'s' if s.n > 1 else ''})"
+        for s in cfg.evaluation.eval_sets()
+    )
     print(
-        f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every}; "
-        f"evaluation on {cfg.evaluation.num_samples} held-out problems"
+        f"demo: run {cfg.run_dir}: {cfg.training.max_steps} steps, a checkpoint every {cfg.training.eval_every} "
+        f"and at step 0; evaluation sets: {sets}"
     )
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     evaluator = _start("eval", [sys.executable, "-m", "evaluator", *config_args], env)
@@ -96,13 +100,17 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
             except subprocess.TimeoutExpired:
                 evaluator.kill()
 
-    from evaluator.report import format_table, load_results, plot
+    from evaluator.report import format_table, load_results, write_report
 
     results = load_results(layout.eval_dir(cfg.evaluation.name))
     print()
     print(format_table(results))
-    png = plot(results, layout.eval_dir(cfg.evaluation.name) / "accuracy.png")
-    print(f"\nplot: {png}\nrun:  {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)")
+    png, page = write_report(layout.run_dir, cfg.evaluation.name)
+    steps = [r["step"] for r in results]
+    print(
+        f"\nreport: {page}\nfigure: {png}\nrun:    {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)\n"
+        f"what changed between two checkpoints: python -m evaluator.report {layout.run_dir} --diff {steps[0]} {steps[-1]}"
+    )
     return layout, results
 
 

@@ -8,6 +8,7 @@ python -m evaluator --ckpt runs/x/checkpoints/step_N      one checkpoint (or any
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def main() -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluation.num_samples=500")
     args = parser.parse_args()
+    if args.ckpt and Path(args.ckpt).is_symlink():  # runs/x/best: the checkpoint it names, inside its run
+        args.ckpt = str(Path(args.ckpt).parent / os.readlink(args.ckpt))
     if args.ckpt and args.run:
         raise UsageError("give --ckpt or --run, not both")
     cfg = load_config(_config_path(args), args.overrides)

@@ -284,6 +284,16 @@ def _as_number(s: str) -> float | None:
     return None
 
 
+def vote_key(answer: str) -> str | None:
+    """What maj@k counts votes by: the answer after the grader's normalisation, a number by its value
+    ("0.5", "\\frac{1}{2}" and "1/2" vote together); None for an empty answer (no vote)."""
+    s = normalize(answer)
+    if not s:
+        return None
+    number = _as_number(s)
+    return f"{number:.12g}" if number is not None else s
+
+
 def _numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
@@ -484,7 +494,8 @@ class GraderPool:
 
     def grade(
         self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None = None
-    ) -> tuple[list[dict[str, float]], dict[str, int]]:
+    ) -> tuple[list[dict[str, float]], list[str | None]]:
+        """(rewards, problems): per response its rewards, and None, 'timeout' or 'error' (counted wrong)."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         with self._lock:
@@ -494,7 +505,7 @@ class GraderPool:
 
     def _grade(self, responses, ground_truths, progress):
         results: list[dict[str, float] | None] = [None] * len(responses)
-        stats = {"grader_timeouts": 0, "grader_errors": 0}
+        problems: list[str | None] = [None] * len(responses)
         todo, deaths = [], defaultdict(int)
         for i, r in enumerate(responses):
             if extract_answer(r) is None:  # badly formatted: no need to leave this process
@@ -507,8 +518,7 @@ class GraderPool:
 
         def finish(slot: int, index: int, rewards: dict[str, float] | None, problem: str | None) -> None:
             results[index] = rewards or dict(_FORMATTED_WRONG)
-            if problem:
-                stats["grader_timeouts" if problem == "timeout" else "grader_errors"] += 1
+            problems[index] = problem
             self._workers[slot].task = None
             if progress:
                 progress(1)
@@ -554,7 +564,7 @@ class GraderPool:
                     finish(slot, index, None, "timeout")
                 elif not w.ready and now > w.start_deadline:
                     raise GraderError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f}s")
-        return results, stats
+        return results, problems
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()

@@ -1,16 +1,30 @@
-"""`python -m evaluator.report runs/x [--name default]`: table and plot of a run's evaluation results."""
+"""`python -m evaluator.report runs/x`: what a run learned, as a table, one PNG and one HTML page.
+
+    python -m evaluator.report runs/x [--name default]        table; writes report.png and report.html
+    python -m evaluator.report runs/x --diff 500 1000 [--set S] problems learned and forgotten between two steps
+
+The page holds train loss and learning rate, accuracy, pass@k and maj@k per set, accuracy by subject and
+level over steps (heatmaps), response length and truncation, failure kinds, and the problems learned and
+forgotten between consecutive evaluations. It is self-contained (inline SVG): mail it, open it offline.
+"""
 
 from __future__ import annotations
 
 import argparse
+import html
+import io
 import json
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from shared.protocol import RunLayout, parse_step
+from evaluator.metrics import FAILURE_KINDS, by_problem, changes, result_sets
+from shared.protocol import RunLayout, parse_step, step_dirname
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
+    """The step result files of an evaluation, by step."""
     results = []
     for path in sorted(eval_dir.glob("step_*.json")):
         if parse_step(path.stem) is not None:
@@ -18,48 +32,377 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["step"])
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'step':>8}  {'accuracy':>8}  {'format':>6}  {'answer acc':>10}  {'seconds':>7}"]
+def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "train/loss" in r]
+
+
+def set_names(results: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
     for r in results:
-        m = r["metrics"]
-        lines.append(
-            f"{r['step']:>8}  {m['accuracy']:>8.3f}  {m['format_rate']:>6.3f}  {m['answer_accuracy']:>10.3f}  {r['timings_s']['total']:>7.2f}"
-        )
-    return "\n".join(lines)
+        names += [n for n in result_sets(r) if n not in names]
+    return names
 
 
-def plot(results: list[dict[str, Any]], out: Path) -> Path:
-    import matplotlib
+def _series(results: list[dict[str, Any]], set_name: str, metric: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for r in results:
+        value = result_sets(r).get(set_name, {}).get("metrics", {}).get(metric)
+        if isinstance(value, (int, float)):
+            steps.append(r["step"])
+            values.append(value)
+    return steps, values
 
-    matplotlib.use("Agg")
+
+def _largest_n(results: list[dict[str, Any]], set_name: str) -> int:
+    return max((result_sets(r)[set_name]["sampling"].get("n", 1) for r in results if set_name in result_sets(r)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    blocks = []
+    for name in set_names(results):
+        n = _largest_n(results, name)
+        sampled = [f"pass@{n}", f"maj@{n}"] if n > 1 else []
+        head = ["step", "accuracy", *sampled, "format", "length", "trunc", "learned", "forgot", "top failure"]
+        lines = [f"[{name}] n={n}", "  ".join(f"{h:>9}" for h in head)]
+        for r in results:
+            if name not in result_sets(r):
+                continue
+            m = result_sets(r)[name]["metrics"]
+            failures = {k: m.get(f"failure_rate/{k}", 0.0) for k in FAILURE_KINDS}
+            top = max(failures, key=failures.get)
+            cells = [
+                f"{r['step']:>9}",
+                f"{m['accuracy']:>9.3f}",
+                *(f"{m.get(k, float('nan')):>9.3f}" for k in sampled),
+                f"{m['format_rate']:>9.3f}",
+                f"{m['mean_response_tokens']:>9.1f}",
+                f"{m['truncation_rate']:>9.2f}",
+                f"{m.get('learned', ''):>9}",
+                f"{m.get('forgotten', ''):>9}",
+                f"{top} {failures[top]:.2f}" if failures[top] else "-",
+            ]
+            lines.append("  ".join(cells))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-problem changes between two steps
+
+
+def read_set_samples(eval_dir: Path, set_name: str, step: int) -> list[dict[str, Any]]:
+    path = eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no samples of set {set_name!r} at step {step} (evaluated steps: see the table)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _side_by_side(left: str, right: str, width: int) -> list[str]:
+    col = (width - 3) // 2
+    a = [w for para in left.splitlines() for w in (textwrap.wrap(para, col) or [""])]
+    b = [w for para in right.splitlines() for w in (textwrap.wrap(para, col) or [""])]
+    a += [""] * (len(b) - len(a))
+    b += [""] * (len(a) - len(b))
+    return [f"{x:<{col}} | {y}" for x, y in zip(a, b)]
+
+
+def format_diff(eval_dir: Path, set_name: str, before: int, after: int, width: int = 140) -> str:
+    old, new = read_set_samples(eval_dir, set_name, before), read_set_samples(eval_dir, set_name, after)
+    flips = changes(old, new)
+    old_by, new_by = by_problem(old), by_problem(new)
+    out = [
+        f"[{set_name}] step {before} -> step {after}: {len(flips['learned'])} learned, "
+        f"{len(flips['forgotten'])} forgotten (a problem is solved when at least half its samples are right)"
+    ]
+    for change in ("learned", "forgotten"):
+        for p in flips[change]:
+            a, b = old_by[p], new_by[p]
+            right_a, right_b = sum(s["reward"] == 1.0 for s in a), sum(s["reward"] == 1.0 for s in b)
+            out += [
+                "",
+                f"== {change.upper()}: problem {p}   reference answer: {b[0]['ground_truth']}",
+                *_side_by_side(
+                    f"step {before} ({right_a}/{len(a)} right; sample 0, {a[0]['failure'] or 'right'}):",
+                    f"step {after} ({right_b}/{len(b)} right; sample 0, {b[0]['failure'] or 'right'}):",
+                    width,
+                ),
+                *_side_by_side(a[0]["response"], b[0]["response"], width),
+            ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _panels(results: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(title, draw(ax)) for each panel of the report, in reading order."""
+    panels: list[tuple[str, Any]] = []
+    if train_rows:
+
+        def draw_train(ax):
+            steps = [r["train_step"] for r in train_rows]
+            ax.plot(steps, [r["train/loss"] for r in train_rows], color="tab:blue", lw=1)
+            ax.set_ylabel("train loss", color="tab:blue")
+            lr = ax.twinx()
+            lr.plot(steps, [r["train/lr"] for r in train_rows], color="tab:orange", lw=1)
+            lr.set_ylabel("learning rate", color="tab:orange")
+
+        panels.append(("Training: loss and learning rate", draw_train))
+    for name in set_names(results):
+        n = _largest_n(results, name)
+
+        def draw_acc(ax, name=name, n=n):
+            for metric, style in (("accuracy", "o-"), (f"pass@{n}", "s--"), (f"maj@{n}", "^:")):
+                steps, values = _series(results, name, metric)
+                if values and (metric == "accuracy" or n > 1):
+                    ax.plot(steps, values, style, label=metric if metric != "accuracy" else f"accuracy (mean@{n})")
+            steps, values = _series(results, name, "format_rate")
+            ax.plot(steps, values, "x-", color="grey", alpha=0.6, label="format rate")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=7, loc="best")
+
+        panels.append((f"{name}: accuracy, pass@k, maj@k", draw_acc))
+        for field in _breakdown_fields(results, name):
+
+            def draw_heat(ax, name=name, field=field):
+                steps = [r["step"] for r in results if name in result_sets(r)]
+                prefix = f"accuracy_by/{field}/"
+                values = sorted(
+                    {
+                        k[len(prefix) :]
+                        for r in results
+                        for k in result_sets(r).get(name, {}).get("metrics", {})
+                        if k.startswith(prefix)
+                    },
+                    key=_natural,
+                )
+                grid = [
+                    [
+                        result_sets(r)[name]["metrics"].get(prefix + v, float("nan"))
+                        for r in results
+                        if name in result_sets(r)
+                    ]
+                    for v in values
+                ]
+                image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_yticks(range(len(values)), values, fontsize=7)
+                ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7, rotation=45)
+                ax.figure.colorbar(image, ax=ax, fraction=0.04)
+
+            panels.append((f"{name}: accuracy by {field} over steps", draw_heat))
+
+        def draw_length(ax, name=name):
+            steps, lengths = _series(results, name, "mean_response_tokens")
+            ax.plot(steps, lengths, "o-", color="tab:green")
+            ax.set_ylabel("mean response tokens", color="tab:green")
+            trunc = ax.twinx()
+            steps, rates = _series(results, name, "truncation_rate")
+            trunc.plot(steps, rates, "s--", color="tab:red")
+            trunc.set_ylabel("truncation rate", color="tab:red")
+            trunc.set_ylim(-0.02, 1.02)
+
+        panels.append((f"{name}: response length and truncation", draw_length))
+
+        def draw_failures(ax, name=name):
+            steps = [r["step"] for r in results if name in result_sets(r)]
+            x = range(len(steps))
+            bottom = [0.0] * len(steps)
+            for kind in FAILURE_KINDS:
+                rates = [
+                    result_sets(r)[name]["metrics"].get(f"failure_rate/{kind}", 0.0)
+                    for r in results
+                    if name in result_sets(r)
+                ]
+                ax.bar(x, rates, bottom=bottom, label=kind)
+                bottom = [b + v for b, v in zip(bottom, rates)]
+            ax.set_xticks(list(x), [str(s) for s in steps], fontsize=7, rotation=45)
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=6, ncol=3, loc="upper right")
+
+        panels.append((f"{name}: why samples are wrong (share of samples)", draw_failures))
+
+        def draw_flips(ax, name=name):
+            steps, learned = _series(results, name, "learned")
+            _, forgotten = _series(results, name, "forgotten")
+            x = range(len(steps))
+            ax.bar(x, learned, color="tab:green", label="learned")
+            ax.bar(x, [-f for f in forgotten], color="tab:red", label="forgotten")
+            ax.axhline(0, color="black", lw=0.5)
+            ax.set_xticks(list(x), [str(s) for s in steps], fontsize=7, rotation=45)
+            ax.legend(fontsize=7)
+
+        panels.append((f"{name}: problems learned / forgotten since the previous evaluation", draw_flips))
+    return panels
+
+
+def _natural(value: str) -> tuple:
+    return (0, float(value), value) if value.replace(".", "", 1).lstrip("-").isdigit() else (1, 0.0, value)
+
+
+def _breakdown_fields(results: list[dict[str, Any]], set_name: str) -> list[str]:
+    fields = {
+        k.split("/")[1]
+        for r in results
+        for k in result_sets(r).get(set_name, {}).get("metrics", {})
+        if k.startswith("accuracy_by/")
+    }
+    return sorted(fields)
+
+
+def _figure(title: str, draw, size: tuple[float, float]):
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(steps, [r["metrics"]["accuracy"] for r in results], marker="o", label="accuracy (held out)")
-    ax.plot(steps, [r["metrics"]["format_rate"] for r in results], marker="s", linestyle="--", label="format rate")
-    ax.set_xlabel("training step")
-    ax.set_ylim(-0.02, 1.02)
+    fig, ax = plt.subplots(figsize=size, dpi=110)
+    draw(ax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("training step" if "heatmap" not in title else "")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(out.parent.parent.parent.name if out.parent.parent.name == "eval" else "evaluation")
     fig.tight_layout()
-    fig.savefig(out)
+    return fig
+
+
+def write_png(panels: list[tuple[str, Any]], out: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    cols = 2
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 3.4 * rows), dpi=100, squeeze=False)
+    for ax, (panel_title, draw) in zip(axes.flat, panels):
+        draw(ax)
+        ax.set_title(panel_title, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    tmp.replace(out)
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluator.report", description=__doc__)
-    parser.add_argument("run", help="run directory")
-    parser.add_argument("--name", default="default", help="evaluation name (evaluation.name)")
-    args = parser.parse_args()
-    eval_dir = RunLayout(Path(args.run)).eval_dir(args.name)
+def _svg(title: str, draw) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(title, draw, (6.2, 3.4))
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    return buf.getvalue().split("?>", 1)[-1]  # drop the XML declaration: the SVG sits inside HTML
+
+
+def _html_table(results: list[dict[str, Any]], name: str) -> str:
+    n = _largest_n(results, name)
+    metrics = ["accuracy", *([f"pass@{n}", f"maj@{n}"] if n > 1 else []), "format_rate", "mean_response_tokens"]
+    metrics += ["truncation_rate", "accuracy_truncated", "accuracy_completed", "learned", "forgotten"]
+    metrics += [f"failure_rate/{k}" for k in FAILURE_KINDS]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["step", *metrics])
+    rows = []
+    for r in results:
+        if name not in result_sets(r):
+            continue
+        m = result_sets(r)[name]["metrics"]
+        cells = "".join(
+            f"<td>{m[k]:.3f}</td>" if isinstance(m.get(k), float) else f"<td>{'' if m.get(k) is None else m[k]}</td>"
+            for k in metrics
+        )
+        rows.append(f"<tr><td>{r['step']}</td>{cells}</tr>")
+    return f"<div class='wide'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
+def write_html(
+    panels: list[tuple[str, Any]], results: list[dict[str, Any]], eval_dir: Path, out: Path, title: str
+) -> Path:
+    flips = []
+    for name in set_names(results):
+        for r in results:
+            c = result_sets(r).get(name, {}).get("changes") or {}
+            if c.get("vs_step") is not None and (c.get("learned") or c.get("forgotten")):
+                flips.append(
+                    f"<li>{html.escape(name)} step {c['vs_step']} &rarr; {r['step']}: learned {c['learned']}, "
+                    f"forgotten {c['forgotten']} <code>python -m evaluator.report {html.escape(str(eval_dir.parent.parent))}"
+                    f" --name {html.escape(eval_dir.name)} --diff {c['vs_step']} {r['step']} --set {html.escape(name)}"
+                    "</code></li>"
+                )
+    figures = "".join(f"<figure>{_svg(t, d)}</figure>" for t, d in panels)
+    tables = "".join(f"<h2>{html.escape(n)}</h2>{_html_table(results, n)}" for n in set_names(results))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 0.8em; }}
+figure {{ margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 4px; }}
+figure svg {{ width: 100%; height: auto; }}
+table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 1em; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+code {{ font-size: 11px; }}
+.wide {{ overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<div class="grid">{figures}</div>
+<h2>Problems that flipped</h2><ul>{"".join(flips) or "<li>none yet</li>"}</ul>
+{tables}
+</body></html>
+"""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
+
+
+def write_report(run_dir: Path, eval_name: str) -> tuple[Path, Path]:
+    """report.png and report.html in the evaluation's folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    eval_dir = RunLayout(run_dir).eval_dir(eval_name)
     results = load_results(eval_dir)
     if not results:
-        raise SystemExit(f"error: no results in {eval_dir}")
+        raise ValueError(f"{eval_dir}: no evaluation results yet")
+    panels = _panels(results, load_train_log(run_dir))
+    title = f"{run_dir.name} / {eval_name}"
+    return write_png(panels, eval_dir / "report.png", title), write_html(
+        panels, results, eval_dir, eval_dir / "report.html", title
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluator.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--name", default="default", help="evaluation name (evaluation.name)")
+    parser.add_argument("--diff", nargs=2, type=int, metavar=("STEP_A", "STEP_B"), help="problems that flipped")
+    parser.add_argument("--set", default=None, help="with --diff: the evaluation set (default: the first)")
+    args = parser.parse_args()
+    run_dir = Path(args.run)
+    eval_dir = RunLayout(run_dir).eval_dir(args.name)
+    results = load_results(eval_dir)
+    if not results:
+        raise SystemExit(f"error: {eval_dir}: no evaluation results")
+    if args.diff:
+        names = set_names(results)
+        set_name = args.set or names[0]
+        if set_name not in names:
+            raise SystemExit(f"error: --set {set_name}: no such set in {eval_dir} (sets: {', '.join(names)})")
+        try:
+            print(format_diff(eval_dir, set_name, *args.diff, width=shutil.get_terminal_size((140, 40)).columns))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        return 0
     print(format_table(results))
-    print(f"plot: {plot(results, eval_dir / 'accuracy.png')}")
+    png, page = write_report(run_dir, args.name)
+    print(f"report: {page}\nfigure: {png}")
     return 0
 
 

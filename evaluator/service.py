@@ -8,16 +8,18 @@ import signal
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from evaluator.backends import EngineError, Generation
-from evaluator.grader import GraderPool
+from evaluator.backends import EngineError
+from evaluator.grader import GraderPool, extract_answer, vote_key
+from evaluator.metrics import breakdown_fields, changes, failure_kind, result_sets, set_metrics
 from evaluator.scheduler import claim_next, claim_step, give_back, holds_claim
 from evaluator.watcher import CheckpointWatcher
-from shared.config import Config
+from shared.config import Config, EvalSetConfig
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import (
     READY,
@@ -37,6 +39,7 @@ from shared.protocol import (
     read_manifest,
     ready_weights_ids,
     step_dirname,
+    update_best,
     verify_checkpoint,
     weights_id,
 )
@@ -70,26 +73,61 @@ def stop_deferred():
             raise Stop()
 
 
-def compute_metrics(
-    examples: list[Example], generations: list[Generation], rewards: list[dict[str, float]]
-) -> dict[str, float]:
-    n = len(examples)
-    formatted = [r for r in rewards if r["format_reward"] == 1.0]
-    metrics = {
-        "accuracy": sum(r["reward"] for r in rewards) / n,
-        "format_rate": len(formatted) / n,
-        "answer_accuracy": sum(r["answer_reward"] for r in formatted) / len(formatted) if formatted else 0.0,
-        "mean_response_tokens": sum(g.num_tokens for g in generations) / n,
-        "truncation_rate": sum(g.truncated for g in generations) / n,
-        "num_samples": n,
-    }
-    by_category: dict[str, list[float]] = defaultdict(list)
-    for ex, r in zip(examples, rewards):
-        if ex.category:
-            by_category[ex.category].append(r["reward"])
-    for category, values in sorted(by_category.items()):
-        metrics[f"accuracy_by_category/{category}"] = sum(values) / len(values)
-    return metrics
+def request_seed(seed: int, set_name: str, problem: int, sample: int) -> int:
+    """The sampling seed of one request: a function of what it samples, never of what ran before."""
+    digest = hashlib.sha256(f"{seed}:{set_name}:{problem}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set, loaded: its config, problems and prompts (fixed for the evaluator's life)."""
+
+    cfg: EvalSetConfig
+    examples: list[Example]
+    prompts: list[str]
+    breakdown: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def fields_by_problem(self) -> dict[int, dict[str, Any]]:
+        return {ex.index: ex.fields for ex in self.examples}
+
+
+def load_eval_sets(cfg: Config) -> list[EvalSet]:
+    template = load_prompt_template(cfg.prompt_template_path())
+    sets = []
+    for set_cfg in cfg.evaluation.eval_sets():
+        examples = seeded_subset(load_dataset(set_cfg.data), set_cfg.num_samples, cfg.evaluation.seed)
+        fields = {ex.index: ex.fields for ex in examples}
+        sets.append(
+            EvalSet(
+                set_cfg,
+                examples,
+                [render_prompt(template, ex) for ex in examples],
+                breakdown_fields(fields, set_cfg.breakdown_fields),
+            )
+        )
+    return sets
+
+
+def previous_samples(eval_dir: Path, set_name: str, step: int) -> tuple[int, list[dict[str, Any]]] | None:
+    """(step, samples) of the nearest earlier step of this set with results on disk, if any."""
+    earlier = []
+    for path in (eval_dir / set_name).glob("step_*.samples.jsonl"):
+        other = parse_step(path.name.split(".")[0])
+        if other is not None and other < step and path.with_name(f"{step_dirname(other)}.json").is_file():
+            earlier.append((other, path))
+    if not earlier:
+        return None
+    other, path = max(earlier)
+    return other, read_samples(path)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Evaluator:
@@ -98,9 +136,7 @@ class Evaluator:
         self.cfg = cfg
         self.backend = backend
         self.tracker = tracker
-        template = load_prompt_template(cfg.prompt_template_path())
-        self.examples = seeded_subset(load_dataset(ec.data), ec.num_samples, ec.seed)
-        self.prompts = [render_prompt(template, ex) for ex in self.examples]
+        self.sets = load_eval_sets(cfg)
         self.grader = GraderPool(ec.num_grader_workers, ec.grader_timeout_s)
         self.owner_id = current_owner()["id"]  # who claims steps and records results: this process
         self.last_fingerprint: list[float] | None = None
@@ -117,7 +153,8 @@ class Evaluator:
         weights did (stale weights after an in-place reload are a known vLLM failure)."""
         t0 = time.perf_counter()
         how = self.backend.load(ckpt_dir)
-        fingerprint = self.backend.fingerprint(self.prompts[0])
+        probe = self.sets[0].prompts[0]
+        fingerprint = self.backend.fingerprint(probe)
         stale = how == "in-place" and self.last_fingerprint == fingerprint and weights_id != self.last_weights_id
         if stale:
             print(
@@ -125,30 +162,21 @@ class Evaluator:
             )
             self.backend.close()
             how = self.backend.load(ckpt_dir)
-            fingerprint = self.backend.fingerprint(self.prompts[0])
+            fingerprint = self.backend.fingerprint(probe)
         self.last_fingerprint, self.last_weights_id = fingerprint, weights_id
         return how, time.perf_counter() - t0
 
-    def evaluate(self, step: int, ckpt_dir: Path, weights_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate(
+        self, step: int, ckpt_dir: Path, weights_id: str, eval_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """Every set on this checkpoint, with one weight load: (result, samples by set). Learned and
+        forgotten problems are counted against the nearest earlier step with results in `eval_dir`."""
         ec = self.cfg.evaluation
         t_start = time.perf_counter()
         how, reload_s = self._load_checked(ckpt_dir, weights_id)
-
-        t0 = time.perf_counter()
-        with tqdm(total=len(self.prompts), desc=f"step {step} generate", leave=False, dynamic_ncols=True) as bar:
-            generations = self.backend.generate(self.prompts, bar.update)
-        generate_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        with tqdm(total=len(self.prompts), desc=f"step {step} grade", leave=False, dynamic_ncols=True) as bar:
-            rewards, grader_stats = self.grader.grade(
-                [g.text for g in generations], [ex.answer for ex in self.examples], bar.update
-            )
-        grade_s = time.perf_counter() - t0
-
-        metrics = compute_metrics(self.examples, generations, rewards)
-        metrics.update(grader_stats)
-        generated_tokens = sum(g.num_tokens for g in generations)
+        results, samples = {}, {}
+        for eval_set in self.sets:
+            results[eval_set.name], samples[eval_set.name] = self._evaluate_set(step, eval_set, eval_dir)
         result = {
             "step": step,
             "checkpoint": str(ckpt_dir),
@@ -157,73 +185,145 @@ class Evaluator:
             "eval_name": ec.name,
             "backend": self.backend.name,
             "load": how,
-            "sampling": {
-                "temperature": ec.temperature,
-                "top_p": ec.top_p,
-                "max_tokens": ec.max_tokens,
-                "stop": ec.stop,
-                "seed": ec.seed,
-            },
-            "metrics": metrics,
-            "timings_s": {
-                "reload": reload_s,
-                "generation": generate_s,
-                "grading": grade_s,
-                "total": time.perf_counter() - t_start,
-            },
-            "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
+            "seed": ec.seed,
+            "sets": results,
+            "timings_s": {"reload": reload_s, "total": time.perf_counter() - t_start},
             "time": time.time(),
         }
-        samples = [
-            {
-                "prompt": p,
-                "response": g.text,
-                "ground_truth": ex.answer,
-                "num_tokens": g.num_tokens,
-                "truncated": g.truncated,
-                **r,
-            }
-            for p, g, ex, r in zip(self.prompts, generations, self.examples, rewards)
-        ]
         return result, samples
+
+    def _evaluate_set(
+        self, step: int, eval_set: EvalSet, eval_dir: Path
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        sc, seed = eval_set.cfg, self.cfg.evaluation.seed
+        # n requests per problem, each with its own seed: the samples do not depend on batching or history.
+        requests = [(ex, prompt, j) for ex, prompt in zip(eval_set.examples, eval_set.prompts) for j in range(sc.n)]
+        prompts = [prompt for _, prompt, _ in requests]
+        seeds = [request_seed(seed, sc.name, ex.index, j) for ex, _, j in requests]
+        t0 = time.perf_counter()
+        desc = f"step {step} {sc.name}"
+        with tqdm(total=len(prompts), desc=f"{desc} generate", leave=False, dynamic_ncols=True) as bar:
+            generations = self.backend.generate(prompts, seeds, sc, bar.update)
+        generate_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with tqdm(total=len(prompts), desc=f"{desc} grade", leave=False, dynamic_ncols=True) as bar:
+            rewards, problems = self.grader.grade(
+                [g.text for g in generations], [ex.answer for ex, _, _ in requests], bar.update
+            )
+        grade_s = time.perf_counter() - t0
+
+        samples = []
+        for (ex, prompt, j), g, r, problem in zip(requests, generations, rewards, problems):
+            answer = extract_answer(g.text)
+            vote = vote_key(answer) if answer is not None else None
+            samples.append(
+                {
+                    "problem": ex.index,
+                    "sample": j,
+                    "prompt": prompt,
+                    "response": g.text,
+                    "ground_truth": ex.answer,
+                    "answer": answer,
+                    "vote": vote,
+                    "num_tokens": g.num_tokens,
+                    "truncated": g.truncated,
+                    **r,
+                    "failure": failure_kind(r["reward"], r["format_reward"], g.truncated, problem, vote),
+                }
+            )
+        metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem(), eval_set.breakdown)
+        previous = previous_samples(eval_dir, sc.name, step)
+        flips = changes(previous[1], samples) if previous else {"learned": [], "forgotten": []}
+        if previous:
+            metrics["learned"], metrics["forgotten"] = len(flips["learned"]), len(flips["forgotten"])
+        generated_tokens = sum(g.num_tokens for g in generations)
+        return {
+            "step": step,
+            "set": sc.name,
+            "data": sc.data.path,
+            "sampling": {
+                "n": sc.n,
+                "temperature": sc.temperature,
+                "top_p": sc.top_p,
+                "max_tokens": sc.max_tokens,
+                "stop": sc.stop,
+                "seed": seed,
+            },
+            "metrics": metrics,
+            "changes": {"vs_step": previous[0] if previous else None, **flips},
+            "timings_s": {"generation": generate_s, "grading": grade_s},
+            "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
+        }, samples
 
     # -- recording -------------------------------------------------------------------------------
 
-    def log(self, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
+    def log(self, result: dict[str, Any], samples: dict[str, list[dict[str, Any]]] | None) -> None:
         if self.tracker is None:
             return
-        self.tracker.log(
-            {
-                "train_step": result["step"],
-                "eval/weights_id": result["weights_id"],
-                **{f"eval/{k}": v for k, v in result["metrics"].items()},
-                **{f"eval/time_{k}_s": v for k, v in result["timings_s"].items()},
-            }
+        row: dict[str, Any] = {"train_step": result["step"], "eval/weights_id": result["weights_id"]}
+        row.update({f"eval/time_{k}_s": v for k, v in result["timings_s"].items()})
+        for name, set_result in result["sets"].items():
+            row.update({f"eval/{name}/{k}": v for k, v in set_result["metrics"].items() if v is not None})
+        self.tracker.log(row)
+        for name, set_samples in (samples or {}).items():
+            self._log_tables(result["step"], name, result["sets"][name], set_samples)
+
+    def _log_tables(self, step: int, name: str, set_result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        rows = [
+            [s["problem"], s["sample"], s["prompt"][-300:], s["response"], s["ground_truth"], s["answer"]]
+            + [s["reward"], s["format_reward"], s["failure"] or "right"]
+            for s in samples[: self.cfg.evaluation.num_logged_samples]
+        ]
+        columns = ["problem", "sample", "prompt (end)", "response", "reference answer", "answer"]
+        self.tracker.log_table(f"eval/{name}/samples", columns + ["reward", "format_reward", "failure"], rows, step)
+        flips = set_result["changes"]
+        if flips["vs_step"] is None or not (flips["learned"] or flips["forgotten"]):
+            return
+        first = {s["problem"]: s for s in samples if s["sample"] == 0}
+        flip_rows = [
+            [p, change, flips["vs_step"], first[p]["ground_truth"], first[p]["response"]]
+            for change in ("learned", "forgotten")
+            for p in flips[change]
+        ]
+        self.tracker.log_table(
+            f"eval/{name}/flips",
+            ["problem", "change", "since step", "reference answer", "response now"],
+            flip_rows,
+            step,
         )
-        if samples:
-            rows = [
-                [s["prompt"][-200:], s["response"], s["ground_truth"], s["reward"]]
-                for s in samples[: self.cfg.evaluation.num_logged_samples]
-            ]
-            self.tracker.log_table(
-                "eval/samples", ["prompt (end)", "response", "ground_truth", "reward"], rows, result["step"]
-            )
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    m, t = result["metrics"], result["timings_s"]
+    t = result["timings_s"]
+    parts = []
+    for name, r in result_sets(result).items():
+        m, n = r["metrics"], r["sampling"]["n"]
+        sampled = f" pass@{n} {m[f'pass@{n}']:.3f} maj@{n} {m[f'maj@{n}']:.3f}" if n > 1 else ""
+        flips = f" +{m['learned']}/-{m['forgotten']}" if "learned" in m else ""
+        parts.append(
+            f"{name}: acc {m['accuracy']:.3f}{sampled} fmt {m['format_rate']:.2f} len {m['mean_response_tokens']:.0f}"
+            f" trunc {m['truncation_rate']:.2f}{flips}"
+        )
     return (
-        f"step {result['step']:>8}: accuracy {m['accuracy']:.3f}  format {m['format_rate']:.3f}  "
-        f"answer {m['answer_accuracy']:.3f}  len {m['mean_response_tokens']:.1f}  trunc {m['truncation_rate']:.2f}  "
-        f"({t['total']:.1f}s: reload {t['reload']:.2f}s [{result['load']}], generate {t['generation']:.1f}s, grade {t['grading']:.1f}s)"
+        f"step {result['step']:>8}: {' | '.join(parts)}  "
+        f"({t['total']:.1f}s: reload {t['reload']:.2f}s [{result['load']}])"
     )
 
 
-def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-    """Samples first, then the metrics file: a result file implies its samples exist."""
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(samples_path, "".join(json.dumps(s) + "\n" for s in samples).encode())
-    atomic_write_json(result_path, result)
+def write_result(eval_dir: Path, result: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> Path:
+    """Per set its samples, then its result; the step's result file last: it implies all the others exist."""
+    name = f"{step_dirname(result['step'])}"
+    for set_name, set_samples in samples.items():
+        set_dir = eval_dir / set_name
+        set_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            set_dir / f"{name}.samples.jsonl", "".join(json.dumps(s) + "\n" for s in set_samples).encode()
+        )
+        set_result = {k: result[k] for k in ("checkpoint", "weights_id", "eval_name", "time")}
+        atomic_write_json(set_dir / f"{name}.json", {**result["sets"][set_name], **set_result})
+    atomic_write_json(eval_dir / f"{name}.json", result)
+    return eval_dir / f"{name}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,10 +340,9 @@ def write_result(result_path: Path, samples_path: Path, result: dict[str, Any], 
 
 
 def _record(
-    ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]]
+    ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: dict[str, list[dict[str, Any]]]
 ) -> None:
     eval_dir = ledger.path.parent
-    result_path = eval_dir / f"{step_dirname(step)}.json"
 
     def commit(entries: dict[int, dict[str, Any]]) -> None:
         entry = entries.get(step, {})
@@ -252,7 +351,7 @@ def _record(
                 f"step {step}: result discarded: this evaluator no longer holds the step "
                 f"(now {entry.get('status', 'unclaimed')}; its heartbeat went stale and another evaluator took it)"
             )
-        write_result(result_path, eval_dir / f"{step_dirname(step)}.samples.jsonl", result, samples)
+        result_path = write_result(eval_dir, result, samples)
         entries[step] = {
             "status": Status.DONE,
             "time": time.time(),
@@ -284,7 +383,11 @@ def _record_failure(ledger: Ledger, evaluator: Evaluator, step: int, reason: str
 
 
 def _log_once(
-    ledger: Ledger, evaluator: Evaluator, step: int, result: dict[str, Any], samples: list[dict[str, Any]] | None
+    ledger: Ledger,
+    evaluator: Evaluator,
+    step: int,
+    result: dict[str, Any],
+    samples: dict[str, list[dict[str, Any]]] | None,
 ) -> None:
     def still_mine(entries: dict[int, dict[str, Any]]) -> bool:
         entry = entries.get(step) or {}
@@ -442,7 +545,7 @@ def _evaluate_claimed(
             verify_s = time.perf_counter() - t0
             if weights_id(manifest) != weights:
                 raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
-            result, samples = evaluator.evaluate(step, ckpt_dir, weights)
+            result, samples = evaluator.evaluate(step, ckpt_dir, weights, ledger.path.parent)
             result["timings_s"]["verify"] = verify_s
     except (Stop, KeyboardInterrupt):
         give_back(ledger, step, evaluator.owner_id)  # pending, first in line for the next evaluator
@@ -462,7 +565,22 @@ def _evaluate_claimed(
         print(exc)
         return False
     print(summary_line(result))
+    _point_best(evaluator.cfg, layout)
     return True
+
+
+def _point_best(cfg: Config, layout: RunLayout) -> None:
+    """With training.keep_best, runs/<run>/best follows the results as they come (not only the trainer's saves)."""
+    best = cfg.training.keep_best
+    if best is None:
+        return
+    try:
+        step = update_best(layout, cfg.evaluation.name, cfg.best_set(), best.metric)
+    except Exception as exc:  # noqa: BLE001 - a pointer must not stop the evaluation service
+        print(f"warning: could not update {layout.best_path}: {type(exc).__name__}: {exc}")
+        return
+    if step is not None:
+        print(f"best: step {step} by {cfg.best_set()} {best.metric} ({layout.best_path})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,7 +639,7 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
             with presence.lease(step) if presence else nullcontext():  # before verifying: retention keeps it
                 if published and weights_id(verify_checkpoint(ckpt_dir, model_only=True)) != weights:
                     raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
-                result, samples = evaluator.evaluate(step, ckpt_dir, weights)
+                result, samples = evaluator.evaluate(step, ckpt_dir, weights, out_dir)
         except (Stop, KeyboardInterrupt):
             give_back(ledger, step, evaluator.owner_id)
             raise
@@ -538,6 +656,8 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
         if presence is not None:
             presence.stop()
     print(summary_line(result))
+    if run is not None and out_dir == run.eval_dir(cfg.evaluation.name):
+        _point_best(cfg, run)
     print(f"results: {result_path}")
     return result_path
 

@@ -83,6 +83,21 @@ class ModelConfig:
 
 
 @dataclass
+class KeepBestConfig:
+    k: int = 1
+    """How many of the best checkpoints to keep."""
+    metric: str = "accuracy"
+    """Metric of the evaluator's results to rank by, higher is better: accuracy, pass@K, maj@K, format_rate..."""
+    set: str | None = None
+    """Evaluation set whose metric ranks; null = the first of evaluation.sets (or the one set)."""
+
+    def validate(self, key: str) -> None:
+        _positive(key, self, "k")
+        if not self.metric:
+            raise ConfigError(f"{key}.metric: must not be empty")
+
+
+@dataclass
 class TrainingConfig:
     gpus: list[int] = field(default_factory=lambda: [0])
     """GPU indices for the trainer (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no GPU."""
@@ -126,6 +141,11 @@ class TrainingConfig:
     """Publish a checkpoint every this many steps (and at the last step)."""
     keep_last: int | None = None
     """Checkpoints to keep on disk; null = all. Never deletes one an evaluator holds or still needs."""
+    keep_best: KeepBestConfig | None = None
+    """Also keep the k best checkpoints by the evaluation's results (evaluation.name), e.g. {k: 2, metric:
+    accuracy, set: math500}; runs/<run>/best links to the best. null = off."""
+    publish_step0: bool = True
+    """Publish the initial weights as checkpoint step 0, so every evaluation curve starts at the base model."""
     log_every: int = 1
     """Print and log training metrics every this many steps."""
     num_threads: int | None = None
@@ -157,6 +177,51 @@ class TrainingConfig:
             )
         _gpu_list(key, "gpus", self.gpus)
         self.data.validate(f"{key}.data")
+        if self.keep_best is not None:
+            self.keep_best.validate(f"{key}.keep_best")
+
+
+SET_KEYS = ("data", "num_samples", "n", "temperature", "top_p", "max_tokens", "stop", "breakdown_fields")
+"""Keys of `evaluation` that an entry of `evaluation.sets` may set for itself; the others are shared."""
+
+IMPLICIT_SET = "main"
+"""Name of the one evaluation set of a config without `evaluation.sets`."""
+
+
+@dataclass
+class EvalSetConfig:
+    """One evaluation set: its data and sampling (`evaluation.sets.<name>`, over the section's values)."""
+
+    name: str
+    """Name of the set: results in eval/<evaluation.name>/<set>/, W&B keys eval/<set>/..."""
+    data: DatasetConfig
+    """The problems."""
+    num_samples: int | None
+    """Fixed, seeded subset of the problems; null = all."""
+    n: int
+    """Samples per problem: accuracy is their mean, pass@k and maj@k are reported for k = 1, 2, 4, ..., n."""
+    temperature: float
+    """Sampling temperature (0 = greedy)."""
+    top_p: float
+    """Nucleus sampling threshold."""
+    max_tokens: int
+    """Most tokens generated per response; hitting it counts as truncated."""
+    stop: list[str]
+    """Stop strings; the matched stop string is kept in the response."""
+    breakdown_fields: list[str] | None
+    """Fields of the records to break accuracy down by; null = each field the records carry with 2 to 50
+    distinct values, fewer than the problems (MATH: subject, level)."""
+
+    def validate(self, key: str) -> None:
+        _positive(key, self, "n", "max_tokens")
+        _positive_or_null(key, self, "num_samples")
+        if self.temperature < 0:
+            raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+        if self.n > 1 and self.temperature == 0:
+            raise ConfigError(f"{key}.n: {self.n} samples at temperature 0 are {self.n} copies of one; set n: 1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        self.data.validate(f"{key}.data")
 
 
 @dataclass
@@ -169,10 +234,25 @@ class EvaluationConfig:
     """Evaluation set (held out from training)."""
     num_samples: int | None = 100
     """Fixed, seeded subset of the evaluation set used for every checkpoint; null = all."""
+    n: int = 1
+    """Samples per problem (pass@k and maj@k for k = 1, 2, 4, ..., n)."""
+    breakdown_fields: list[str] | None = None
+    """Fields of the records to break accuracy down by; null = each field with 2 to 50 distinct values."""
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Several evaluation sets by name, e.g. {math500: {data: {path: x.jsonl}, n: 4}, aime24: {...}}: each may
+    set data, num_samples, n, temperature, top_p, max_tokens, stop, breakdown_fields; a key it leaves out takes
+    this section's value (data: key by key). Empty = one set named `main` from this section's keys. One engine
+    and one weight reload per checkpoint serve every set."""
     seed: int = 0
-    """Seed for the subset and for sampling."""
+    """Seed for the subsets and for sampling: request j of problem i of set s is sampled with a seed derived
+    from (seed, s, i, j), so an evaluator restarted on the same checkpoint gives the same samples."""
     backend: Literal["auto", "vllm", "hf"] = "auto"
     """Generation engine: vllm where a GPU and vLLM are present (auto), else transformers (hf)."""
+    vllm_engine_process: Literal["child", "in-process"] = "child"
+    """child: vLLM's engine core runs in a child process (faster; falls back to in-process, with a warning,
+    when it does not start within engine_start_timeout_s)."""
+    engine_start_timeout_s: float = 600.0
+    """Longest wait for a vLLM engine core in a child process to start before falling back to in-process."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -198,7 +278,7 @@ class EvaluationConfig:
     backfill: bool = False
     """Evaluate checkpoints passed over for a newer one, newest first, whenever nothing newer waits."""
     num_logged_samples: int = 8
-    """Sample generations logged to W&B per checkpoint."""
+    """Sample generations logged to W&B per checkpoint and set."""
     num_threads: int | None = None
     """CPU threads for torch in the evaluator (null = torch's default). Only matters on CPU."""
     heartbeat_timeout_s: float = 60.0
@@ -206,19 +286,45 @@ class EvaluationConfig:
     died): its claim is evaluated again and its leases no longer protect checkpoints. Clocks of hosts
     sharing a run must agree to well within it."""
 
+    def eval_sets(self) -> list[EvalSetConfig]:
+        """The sets to evaluate, each key resolved (a set's own value, else this section's)."""
+        shared = {k: getattr(self, k) for k in SET_KEYS}
+        shared["data"] = dataclasses.asdict(self.data)
+        if not self.sets:
+            return [_build(EvalSetConfig, {"name": IMPLICIT_SET, **shared}, "evaluation")]
+        resolved = []
+        for name, own in self.sets.items():
+            key = f"evaluation.sets.{name}"
+            if not isinstance(own, dict):
+                raise ConfigError(f"{key}: expected a mapping of set keys ({', '.join(SET_KEYS)}), got {own!r}")
+            for k in own:
+                if k not in SET_KEYS:
+                    close = difflib.get_close_matches(str(k), SET_KEYS, n=1, cutoff=0.6)
+                    hint = f"; did you mean '{close[0]}'?" if close else f"; a set may set {', '.join(SET_KEYS)}"
+                    raise ConfigError(f"unknown key '{key}.{k}'{hint}")
+            merged = {**shared, **own, "name": name}
+            if isinstance(own.get("data"), dict):
+                merged["data"] = {**shared["data"], **own["data"]}
+            resolved.append(_build(EvalSetConfig, merged, key))
+        return resolved
+
     def validate(self, key: str) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"{key}.name: must be a plain folder name, got {self.name!r}")
-        _positive(key, self, "max_tokens", "hf_batch_size", "rescan_s", "grader_timeout_s", "heartbeat_timeout_s")
-        _positive_or_null(key, self, "num_samples", "num_threads", "num_grader_workers")
-        if self.temperature < 0:
-            raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        _positive(
+            key, self, "hf_batch_size", "rescan_s", "grader_timeout_s", "heartbeat_timeout_s", "engine_start_timeout_s"
+        )
+        _positive_or_null(key, self, "num_threads", "num_grader_workers")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         _gpu_list(key, "gpus", self.gpus)
-        self.data.validate(f"{key}.data")
+        for name in self.sets:
+            if not name or "/" in name or name.startswith((".", "step_")) or name in ("wandb", "report"):
+                raise ConfigError(
+                    f"{key}.sets: a set name must be a plain folder name, not wandb, report or step_*; got {name!r}"
+                )
+        for s in self.eval_sets():
+            s.validate(f"{key}.sets.{s.name}" if self.sets else key)
 
 
 @dataclass
@@ -261,6 +367,15 @@ class Config:
         self.training.validate("training")
         self.evaluation.validate("evaluation")
         self.wandb.validate("wandb")
+        best = self.training.keep_best
+        names = [s.name for s in self.evaluation.eval_sets()]
+        if best is not None and best.set is not None and best.set not in names:
+            raise ConfigError(f"training.keep_best.set: no evaluation set {best.set!r}; the sets: {', '.join(names)}")
+
+    def best_set(self) -> str:
+        """The evaluation set that ranks checkpoints for training.keep_best."""
+        best = self.training.keep_best
+        return best.set if best and best.set else self.evaluation.eval_sets()[0].name
 
     @property
     def run_dir(self) -> Path:
@@ -319,6 +434,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -404,7 +525,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         # Blame what the user typed: the override whose key the message names, else the file.
         message = str(exc)
         for (key, _), item in zip(parsed, overrides or []):
-            if message.startswith(f"{key}:") or f"'{key}'" in message or message.startswith(f"{key}["):
+            if message.startswith((f"{key}:", f"{key}[", f"{key}.")) or f"'{key}'" in message or f"'{key}." in message:
                 raise ConfigError(f"override '{item}': {message}") from None
         raise ConfigError(f"{path}: {message}") from None
     return cfg
@@ -425,6 +546,8 @@ RESUME_MAY_CHANGE = frozenset(
         "training.max_steps",
         "training.eval_every",
         "training.keep_last",
+        "training.keep_best",
+        "training.publish_step0",
         "training.log_every",
         "training.num_threads",
         "training.gpus",
@@ -463,7 +586,8 @@ def resume_config_changes(saved: dict[str, Any], current: dict[str, Any], where:
         if key.startswith(_RESUME_IGNORED_PREFIXES) or old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
+        may_change = key in RESUME_MAY_CHANGE or key.rsplit(".", 1)[0] in RESUME_MAY_CHANGE  # keep_best.k...
+        (allowed if may_change else refused).append(line)
     if refused:
         raise ConfigError(
             f"cannot resume {where} with a changed {', '.join(refused)} (this changes what the trained steps "

@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -31,10 +31,12 @@ class Example:
     """Target response in r1_zero format (`reasoning </think> <answer> x </answer>`), for training."""
     answer: str
     """Ground-truth final answer, for grading."""
-    category: str | None = None
-    """E.g. MATH subject and level; per-category accuracy is reported where present."""
     prompt: str | None = None
     """A ready-made prompt (SFT files carry one); when None the template is applied to `question`."""
+    fields: dict[str, str | int | float | bool] = field(default_factory=dict, hash=False, compare=False)
+    """The record's other scalar fields (MATH: subject, level, unique_id), for breakdowns of accuracy."""
+    index: int = 0
+    """Position in its data set: names the problem in results, whatever subset is evaluated."""
 
 
 def r1_zero_response(reasoning: str, answer: str) -> str:
@@ -111,7 +113,13 @@ def _from_sft(record: dict[str, Any], where: str) -> Example:
         if not match:
             raise DataError(f"{where}: field 'response' has no <answer>...</answer> and no 'ground_truth' field")
         gt = match.group(1)
-    return Example(question=prompt, response=response, answer=str(gt).strip(), prompt=prompt)
+    return Example(
+        question=prompt,
+        response=response,
+        answer=str(gt).strip(),
+        prompt=prompt,
+        fields=_scalar_fields(record, ("prompt", "response", "ground_truth", "answer")),
+    )
 
 
 def _from_math(record: dict[str, Any], where: str) -> Example:
@@ -122,12 +130,20 @@ def _from_math(record: dict[str, Any], where: str) -> Example:
         answer = last_boxed(solution)
         if answer is None:
             raise DataError(f"{where}: no 'answer' field and no \\boxed{{}} in 'solution'")
-    subject = record.get("type", record.get("subject"))
-    level = record.get("level")
-    category = " / ".join(str(x) for x in (subject, level) if x) or None
     return Example(
-        question=problem, response=r1_zero_response(solution, str(answer)), answer=str(answer), category=category
+        question=problem,
+        response=r1_zero_response(solution, str(answer)),
+        answer=str(answer),
+        fields=_scalar_fields(record, ("problem", "solution", "answer")),
     )
+
+
+def _scalar_fields(record: dict[str, Any], used: tuple[str, ...]) -> dict[str, str | int | float | bool]:
+    """Fields a reader did not consume that hold one value (MATH's `type` is its `subject`)."""
+    fields = {k: v for k, v in record.items() if k not in used and isinstance(v, (str, int, float, bool))}
+    if "type" in fields and "subject" not in fields:
+        fields["subject"] = fields.pop("type")
+    return fields
 
 
 def _from_gsm8k(record: dict[str, Any], where: str) -> Example:
@@ -137,7 +153,12 @@ def _from_gsm8k(record: dict[str, Any], where: str) -> Example:
     if final is None:
         raise DataError(f"{where}: field 'answer' has no '#### <final answer>' line")
     reasoning = _CALC_ANNOTATION.sub("", full.rsplit("####", 1)[0])
-    return Example(question=question, response=r1_zero_response(reasoning, final), answer=final)
+    return Example(
+        question=question,
+        response=r1_zero_response(reasoning, final),
+        answer=final,
+        fields=_scalar_fields(record, ("question", "answer")),
+    )
 
 
 _READERS = {"sft": _from_sft, "math": _from_math, "gsm8k": _from_gsm8k}
@@ -165,7 +186,7 @@ def _to_examples(records: Iterable[tuple[str, Any]], fmt: str, limit: int | None
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if fmt == "auto":
             fmt = detect_format(record, where)
-        examples.append(_READERS[fmt](record, where))
+        examples.append(replace(_READERS[fmt](record, where), index=len(examples)))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -285,7 +306,8 @@ def generate_arithmetic(split: str, num: int, seed: int = 1234) -> list[Example]
                 question=question,
                 response=r1_zero_response(reasoning, str(answer)),
                 answer=str(answer),
-                category=f"type{kind}",
+                fields={"kind": f"type{kind}"},
+                index=len(examples),
             )
         )
     return examples

@@ -11,10 +11,14 @@ decides a path, a marker or a file format.
         corrupt_step_00000500/           a published checkpoint that failed verification, moved aside on resume
       leases/<owner-id>.json             one per evaluator process: heartbeat, the steps it holds (leases),
                                          the evaluation it serves (+ .lock: serialises leases and retention)
+      best -> checkpoints/step_00000500  with training.keep_best: the best checkpoint by the evaluation's
+                                         results (a symlink, replaced atomically)
       eval/<eval_name>/
         ledger.json (+ .lock)            per step: running | done | skipped | pending | failed | deleted
-        step_00000500.json               metrics (written after the samples, atomically)
-        step_00000500.samples.jsonl
+        <set>/step_00000500.samples.jsonl   one line per sample (problem, sample index, response, rewards...)
+        <set>/step_00000500.json         that set's metrics
+        step_00000500.json               every set's metrics under "sets" (written last, atomically: it
+                                         implies the files above exist)
 
 Invariants:
 - A checkpoint directory is complete iff its READY manifest verifies: every file listed with its size
@@ -117,6 +121,10 @@ class RunLayout:
     @property
     def leases_dir(self) -> Path:
         return self.run_dir / "leases"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best"
 
     @property
     def trainer_lock_path(self) -> Path:
@@ -741,12 +749,26 @@ class RetentionResult:
     """Deleted steps that an evaluation never evaluated (recorded `deleted` in its ledger)."""
 
 
-def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: dict[str, bool]) -> RetentionResult:
+@dataclass(frozen=True)
+class BestRule:
+    """training.keep_best: keep the k published steps with the highest `metric` of `set_name` in the
+    results of evaluation `eval_name`."""
+
+    eval_name: str
+    set_name: str
+    metric: str
+    k: int
+
+
+def unpublish_old_checkpoints(
+    layout: RunLayout, keep_last: int, eval_backfill: dict[str, bool], best: BestRule | None = None
+) -> RetentionResult:
     """Unpublish (remove READY of) every step but the newest `keep_last`, except steps that an evaluator
     holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
     or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
-    {eval name: backfill} from the trainer's config; a live watcher's own setting counts too). Deleted
-    steps an evaluation never saw are recorded `deleted` in its ledger. The caller removes the folders.
+    {eval name: backfill} from the trainer's config; a live watcher's own setting counts too), and the
+    `best` rule's k best steps (the `best` link is pointed anew). Deleted steps an evaluation never saw
+    are recorded `deleted` in its ledger. The caller removes the folders.
 
     All of it happens under the leases lock and every ledger's lock (taken in name order, the only
     place that holds more than one), so nothing is claimed or leased between deciding and unpublishing."""
@@ -757,6 +779,12 @@ def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: 
         return RetentionResult([], {}, {})
     # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
+        kept_for: dict[int, str] = {}
+        if best is not None:
+            ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric)
+            point_best(layout, ranked)
+            for value, step in ranked[: best.k]:
+                kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})"
         presences = live_presences(layout)
         backfill = dict(eval_backfill)
         attached = set()
@@ -771,8 +799,9 @@ def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: 
             ledger.path.parent.mkdir(parents=True, exist_ok=True)
         with _all_locked([ledger.lock for ledger in ledgers]):
             entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers)}
-            kept_for: dict[int, str] = {}
             for step in candidates:
+                if step in kept_for:
+                    continue
                 if step in leased:
                     kept_for[step] = "leased by an evaluator"
                     continue
@@ -812,6 +841,44 @@ def unpublish_old_checkpoints(layout: RunLayout, keep_last: int, eval_backfill: 
 
                 ledger.update_locked(mark)
     return RetentionResult(deleted, kept_for, unseen_by)
+
+
+def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> list[tuple[float, int]]:
+    """(metric value, step) of every published step whose result (for the weights now in its folder) has
+    the metric, best first; a later step first among equals."""
+    ranked = []
+    for step, weights in ready_weights_ids(layout.checkpoints_dir).items():
+        try:
+            result = json.loads(layout.result_path(eval_name, step).read_text())
+            value = result["sets"][set_name]["metrics"][metric]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not evaluated (yet), or another evaluation's layout
+        if result.get("weights_id") == weights and isinstance(value, (int, float)):
+            ranked.append((float(value), step))
+    return sorted(ranked, reverse=True)
+
+
+def point_best(layout: RunLayout, ranked: list[tuple[float, int]]) -> int | None:
+    """Make runs/<run>/best link to the best step (a symlink replaced by rename: readers see old or new)."""
+    link = layout.best_path
+    if not ranked:
+        return None
+    step = ranked[0][1]
+    target = Path("checkpoints") / step_dirname(step)
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return step
+    tmp = link.with_name(f"{TMP_PREFIX}best-{uuid.uuid4().hex[:8]}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    return step
+
+
+def update_best(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> int | None:
+    """The evaluator's call after recording a result: point `best` anew, under the leases lock that
+    retention holds, so the two never interleave."""
+    layout.leases_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
+        return point_best(layout, ranked_results(layout, eval_name, set_name, metric))
 
 
 class _all_locked:

@@ -43,9 +43,9 @@ def test_math_layout_takes_last_boxed(tmp_path):
         ],
     )
     a, b = read_jsonl(p)
-    assert a.answer == "\\frac{1}{2}" and a.category == "Algebra / Level 2"
+    assert a.answer == "\\frac{1}{2}" and a.fields == {"subject": "Algebra", "level": "Level 2"} and a.index == 0
     assert a.response.endswith("</think> <answer> \\frac{1}{2} </answer>")
-    assert b.answer == "7" and b.category is None
+    assert b.answer == "7" and b.fields == {} and b.index == 1
 
 
 def test_gsm8k_layout(tmp_path):
@@ -109,7 +109,8 @@ def test_arithmetic_generator_is_deterministic_with_disjoint_splits():
         assert ex.response.endswith(f"</think> <answer> {ex.answer} </answer>")
         # The reasoning's last computation is the answer.
         assert ex.response.split(" </think>")[0].rstrip(".").split("= ")[-1] == ex.answer
-    assert {e.category for e in test} == {"type0", "type1", "type2", "type3"}
+    assert {e.fields["kind"] for e in test} == {"type0", "type1", "type2", "type3"}
+    assert [e.index for e in test] == list(range(len(test)))
 
 
 def test_seeded_subset_is_stable():
@@ -136,7 +137,8 @@ def test_real_math500_and_aime24_read_as_they_are():
 
     math500 = read_jsonl(SHARED_DATA / "math500" / "test.jsonl")
     assert len(math500) == 500 and all(ex.answer for ex in math500)
-    assert sum(1 for ex in math500 if ex.category and ex.category.startswith("Algebra / ")) == 124  # subject / level
+    assert sum(1 for ex in math500 if ex.fields["subject"] == "Algebra") == 124
+    assert {ex.fields["level"] for ex in math500} == {1, 2, 3, 4, 5}
     aime = read_jsonl(SHARED_DATA / "aime24" / "test.jsonl")
     assert len(aime) == 30 and all(len(ex.answer) == 3 and ex.answer.isdigit() for ex in aime)  # written "025"
     padded = next(ex.answer for ex in aime if ex.answer.startswith("0"))

@@ -55,10 +55,15 @@ def test_two_terminals(tmp_path, make_config, evaluator_first):
         wait_for(lambda: list_ready_checkpoints(RunLayout(run).checkpoints_dir), 120, "first checkpoint")
         procs.append(start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log"))
     assert trainer.wait(180) == 0
-    wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (2, 4, 6, 8)), 120, "every checkpoint evaluated")
+    wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (0, 2, 4, 6, 8)), 120, "every checkpoint evaluated")
     assert stop(procs[0]) == 0
-    assert set(results(run)) == {2, 4, 6, 8}
+    assert set(results(run)) == {0, 2, 4, 6, 8}
     assert all(e["attempts"] == 1 and e["logged"] for e in ledger_of(run).values())  # each once, and logged
+    # flips are counted against an earlier evaluated step (back-fill may evaluate out of order)
+    for step, r in results(run).items():
+        vs = r["sets"]["main"]["changes"]["vs_step"]
+        assert vs is None or (vs < step and vs in results(run)), (step, vs)
+    assert results(run)[0]["sets"]["main"]["changes"]["vs_step"] is None
 
 
 def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_run):
@@ -105,7 +110,7 @@ def wandb_history_steps(root: Path) -> list[int]:
         row["train_step"]
         for path in root.rglob("*.wandb")
         for row in read_wandb_history(path)
-        if "eval/accuracy" in row
+        if "eval/main/accuracy" in row
     ]
 
 
@@ -132,16 +137,16 @@ def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
     first.wait(10)
     second = start_service("evaluator", "--config", cfg, log=tmp_path / "eval2.log", env_extra=env)
     assert trainer.wait(300) == 0
-    wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (2, 4, 6, 8)), 300, "all evaluated")
+    wait_for(lambda: all(status_of(run, s) == Status.DONE for s in (0, 2, 4, 6, 8)), 300, "all evaluated")
     assert stop(second, timeout=60) == 0
     entries = ledger_of(run)
     assert entries[victim]["attempts"] == 2  # the interrupted one: evaluated again, once
-    assert sorted(results(run)) == [2, 4, 6, 8]
+    assert sorted(results(run)) == [0, 2, 4, 6, 8]
     eval_dir = RunLayout(run).eval_dir("default")
     assert not [p for p in eval_dir.rglob("*") if p.name.startswith(".tmp")]
     logged = [json.loads(line)["train_step"] for line in (eval_dir / "eval_log.jsonl").read_text().splitlines()]
-    assert sorted(logged) == [2, 4, 6, 8]
-    assert sorted(wandb_history_steps(eval_dir / "wandb")) == [2, 4, 6, 8]
+    assert sorted(logged) == [0, 2, 4, 6, 8]
+    assert sorted(wandb_history_steps(eval_dir / "wandb")) == [0, 2, 4, 6, 8]
 
 
 # ------------------------------------------------------------------------------- 3. trainer crash mid-save
@@ -201,12 +206,12 @@ def test_make_eval_after_the_fact(run_copy, tmp_path, make_config):
         )
 
     one = make_eval(f"CKPT={RunLayout(run_copy).checkpoint_dir(2)}")
-    assert one.returncode == 0 and "step        2: accuracy" in one.stdout, one.stderr
+    assert one.returncode == 0 and "step        2: main: acc" in one.stdout, one.stderr
     rest = make_eval(f"RUN={run_copy}")
     assert rest.returncode == 0, rest.stderr
     assert "step        2:" not in rest.stdout and "step        4:" in rest.stdout and "step        6:" in rest.stdout
     again = make_eval(f"RUN={run_copy}")
-    assert again.returncode == 0 and "accuracy" not in again.stdout  # nothing missing any more
+    assert again.returncode == 0 and "main: acc" not in again.stdout  # nothing missing any more
     missing = make_eval(f"CKPT={tmp_path / 'nope'}")
     assert missing.returncode != 0 and f"--ckpt {tmp_path / 'nope'}: no such directory" in missing.stderr
 

@@ -56,7 +56,7 @@ def test_new_checkpoint_is_picked_up_by_the_observer(trained_run, tmp_path, eval
     publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
     wait_for(lambda: status_of(run, 2) == Status.DONE, 60, "step 2 evaluated")
     r = results(run)[2]
-    assert r["metrics"]["num_samples"] == 8 and r["load"] == "new-engine"
+    assert r["sets"]["main"]["metrics"]["num_problems"] == 8 and r["load"] == "new-engine"
     assert ("(native;" if observer == "auto" else "(polling;") in log_text(tmp_path)
     # A second checkpoint swaps weights into the same engine.
     publish_copy(RunLayout(trained_run).checkpoint_dir(6), run, 6)
@@ -74,9 +74,9 @@ def test_checkpoints_present_before_start_newest_first_then_skipped(run_copy, tm
 
 def test_backfill_evaluates_passed_over_checkpoints_newest_first(run_copy, tmp_path, evaluator):
     evaluator({"evaluation": {"backfill": True}})
-    wait_for(lambda: all(status_of(run_copy, s) == Status.DONE for s in (2, 4, 6)), 90, "all steps")
+    wait_for(lambda: all(status_of(run_copy, s) == Status.DONE for s in (0, 2, 4, 6)), 90, "all steps")
     finished = sorted(results(run_copy).values(), key=lambda r: r["time"])
-    assert [r["step"] for r in finished] == [6, 4, 2]
+    assert [r["step"] for r in finished] == [6, 4, 2, 0]
 
 
 def test_duplicate_events_do_not_evaluate_twice(trained_run, tmp_path, evaluator):
@@ -91,7 +91,7 @@ def test_duplicate_events_do_not_evaluate_twice(trained_run, tmp_path, evaluator
         time.sleep(0.05)
     time.sleep(2)
     assert ledger_of(run)[2]["status"] == Status.DONE and ledger_of(run)[2].get("attempts", 1) == 1
-    assert log_text(tmp_path).count("step        2: accuracy") == 1
+    assert log_text(tmp_path).count("step        2: main: acc") == 1
     assert len(RunLayout(run).eval_dir("default").joinpath("eval_log.jsonl").read_text().splitlines()) == 1
 
 
@@ -148,8 +148,10 @@ def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evalu
     publish_copy(RunLayout(run_copy).checkpoint_dir(6), run_copy, 8)
     evaluator(name="eval2")
     wait_for(lambda: status_of(run_copy, 6) == status_of(run_copy, 8) == Status.DONE, 120, "6 and 8 evaluated")
+    # the summary line is printed just after the ledger says done
+    wait_for(lambda: "step        8: main: acc" in log_text(tmp_path, "eval2"), 30, "step 8's line")
     log = log_text(tmp_path, "eval2")
-    assert log.index("step        6: accuracy") < log.index("step        8: accuracy")
+    assert log.index("step        6: main: acc") < log.index("step        8: main: acc")
     assert "step 2: skipped (passed over for newer step 6)" in log_text(tmp_path)  # said when it happened
 
 
@@ -162,28 +164,28 @@ def test_sigkill_mid_evaluation_then_restart_evaluates_it_exactly_once(run_copy,
     assert not results(run_copy)
     evaluator(slow, name="eval2")
     wait_for(
-        lambda: all(ledger_of(run_copy).get(s, {}).get("logged") for s in (2, 4, 6)), 180, "all evaluated and logged"
+        lambda: all(ledger_of(run_copy).get(s, {}).get("logged") for s in (0, 2, 4, 6)), 180, "all evaluated and logged"
     )
     entries = ledger_of(run_copy)
     assert entries[6]["attempts"] == 2 and entries[4]["attempts"] == 1
     assert "evaluating again" in log_text(tmp_path, "eval2")
-    assert sorted(results(run_copy)) == [2, 4, 6]
+    assert sorted(results(run_copy)) == [0, 2, 4, 6]
     logged = [
         json.loads(line)["train_step"]
         for line in RunLayout(run_copy).eval_dir("default").joinpath("eval_log.jsonl").read_text().splitlines()
     ]
-    assert sorted(logged) == [2, 4, 6]
+    assert sorted(logged) == [0, 2, 4, 6]
 
 
 def test_two_evaluators_never_evaluate_the_same_checkpoint(run_copy, tmp_path, evaluator):
     both = {"evaluation": {"backfill": True}}
     evaluator(both, name="a")
     evaluator(both, name="b")
-    wait_for(lambda: all(status_of(run_copy, s) == Status.DONE for s in (2, 4, 6)), 120, "all evaluated")
+    wait_for(lambda: all(status_of(run_copy, s) == Status.DONE for s in (0, 2, 4, 6)), 120, "all evaluated")
     time.sleep(1)
     a, b = log_text(tmp_path, "a"), log_text(tmp_path, "b")
-    for step in (2, 4, 6):
-        assert (a + b).count(f"step {step:>8}: accuracy") == 1
+    for step in (0, 2, 4, 6):
+        assert (a + b).count(f"step {step:>8}: main: acc") == 1
     assert all(e.get("attempts") == 1 for e in ledger_of(run_copy).values())
 
 
@@ -191,24 +193,24 @@ def test_after_the_fact_single_checkpoint_run_and_copied_folder(run_copy, tmp_pa
     cfg = make_config()
     ckpt4 = RunLayout(run_copy).checkpoint_dir(4)
     out = run_service("evaluator", "--config", cfg, "--ckpt", ckpt4).stdout
-    assert "step        4: accuracy" in out
+    assert "step        4: main: acc" in out
     assert status_of(run_copy, 4) == Status.DONE and set(results(run_copy)) == {4}
     # the run: only what is missing, oldest first, then exit
     out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once").stdout
     assert out.index("step        2:") < out.index("step        6:") and "step        4:" not in out
-    assert set(results(run_copy)) == {2, 4, 6}
+    assert set(results(run_copy)) == {0, 2, 4, 6}
     # a checkpoint copied elsewhere, without its run (no ledger, no config)
     elsewhere = tmp_path / "old" / "step_00000004"
     shutil.copytree(ckpt4, elsewhere)
     out = run_service("evaluator", "--config", cfg, "--ckpt", elsewhere).stdout
-    assert "step        4: accuracy" in out
+    assert "step        4: main: acc" in out
     written = list((tmp_path / "old" / "eval" / "default").glob("*/step_00000004.json"))
     assert len(written) == 1
     # a plain model folder without READY is accepted with a warning
     plain = tmp_path / "plain_model"
     shutil.copytree(ckpt4, plain, ignore=shutil.ignore_patterns(READY, "trainer_state"))
     out = run_service("evaluator", "--config", cfg, "--ckpt", plain).stdout
-    assert "integrity cannot be checked" in out and "accuracy" in out
+    assert "integrity cannot be checked" in out and "main: acc" in out
 
 
 def test_after_the_fact_damaged_folder_is_refused_with_the_reason(run_copy, make_config):
@@ -257,7 +259,7 @@ def test_results_are_tied_to_the_weights_not_the_step(trained_run, run_copy, tmp
     first = run_service("evaluator", "--config", cfg, "--ckpt", a, "--out", out_dir).stdout
     weights_a = json.loads((out_dir / "step_00000004.json").read_text())["weights_id"]
     again = run_service("evaluator", "--config", cfg, "--ckpt", a, "--out", out_dir).stdout
-    assert "already evaluated" in again and weights_a in again and "accuracy" in first
+    assert "already evaluated" in again and weights_a in again and "main: acc" in first
     refused = run_service("evaluator", "--config", cfg, "--ckpt", b, "--out", out_dir, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"already holds results for step 4 of other weights ({weights_a}" in refused.stderr
@@ -298,7 +300,19 @@ def test_nothing_to_do_prints_one_summary_line(run_copy, make_config):
     cfg = make_config()
     run_service("evaluator", "--config", cfg, "--run", run_copy, "--once")
     out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once").stdout
-    assert f"evaluator: {run_copy}: 3 checkpoint(s) on disk; ledger: 3 done; evaluated 0 now, 0 failed" in out
+    assert f"evaluator: {run_copy}: 4 checkpoint(s) on disk; ledger: 4 done; evaluated 0 now, 0 failed" in out
+
+
+def test_the_evaluator_points_best_at_the_best_result_and_evaluates_it_by_that_name(run_copy, make_config):
+    cfg = make_config({"training": {"keep_best": {"k": 1, "metric": "format_rate"}}})
+    out = run_service("evaluator", "--config", cfg, "--run", run_copy, "--once").stdout
+    layout = RunLayout(run_copy)
+    rates = {s: r["sets"]["main"]["metrics"]["format_rate"] for s, r in results(run_copy).items()}
+    best = max(rates, key=lambda s: (rates[s], s))  # among equals, the later step
+    assert layout.best_path.resolve() == layout.checkpoint_dir(best).resolve()
+    assert f"best: step {best} by main format_rate" in out
+    again = run_service("evaluator", "--config", cfg, "--ckpt", layout.best_path).stdout
+    assert f"already evaluated: {layout.result_path('default', best)}" in again
 
 
 def test_results_written_but_not_logged_are_logged_once_after_a_crash(run_copy, make_config):
@@ -337,8 +351,12 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
         if path.name == "ledger.json" and b'"done"' in data:
             done = [int(k) for k, v in json.loads(data).items() if v["status"] == "done"]
             seen.append(("ledger", done, {s: (eval_dir / f"step_{s:08d}.json").exists() for s in done}))
+        elif path.parent == eval_dir / "main" and path.name.startswith("step_"):
+            seen.append(
+                ("set samples" if path.name.endswith(".samples.jsonl") else "set metrics", path.name[:13], None)
+            )
         elif path.parent == eval_dir and path.name.startswith("step_"):
-            seen.append(("samples" if path.name.endswith(".samples.jsonl") else "metrics", path.name[:13], None))
+            seen.append(("metrics", path.name[:13], None))
         real(path, data)
 
     monkeypatch.setattr(protocol, "atomic_write_bytes", spy)
@@ -352,17 +370,14 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
         evaluator.close()
     writes = [(kind, name) for kind, name, _ in seen if kind != "ledger"]
     assert writes == [
-        ("samples", "step_00000002"),
-        ("metrics", "step_00000002"),
-        ("samples", "step_00000004"),
-        ("metrics", "step_00000004"),
-        ("samples", "step_00000006"),
-        ("metrics", "step_00000006"),
+        (kind, f"step_{step:08d}") for step in (0, 2, 4, 6) for kind in ("set samples", "set metrics", "metrics")
     ]
     assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
 
 
-def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuilt(trained_run, make_config, capsys):
+def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuilt(
+    trained_run, make_config, capsys, tmp_path
+):
     """A backend whose in-place reload silently keeps the old weights (a known vLLM failure): the fingerprint
     check sees outputs unchanged for other weights and rebuilds, so step 6 is measured on step 6's weights."""
     from evaluator.backends import HFBackend
@@ -383,8 +398,8 @@ def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuil
     try:
         for step in (2, 6):
             ckpt = layout.checkpoint_dir(step)
-            result, samples = evaluator.evaluate(step, ckpt, weights_id(read_manifest(ckpt)))
-        expected, expected_samples = honest.evaluate(6, layout.checkpoint_dir(6), "x")
+            result, samples = evaluator.evaluate(step, ckpt, weights_id(read_manifest(ckpt)), tmp_path)
+        expected, expected_samples = honest.evaluate(6, layout.checkpoint_dir(6), "x", tmp_path)
     finally:
         evaluator.close()
         honest.close()
@@ -393,7 +408,59 @@ def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuil
         in capsys.readouterr().out
     )
     assert result["load"] == "new-engine"
-    assert [s["response"] for s in samples] == [s["response"] for s in expected_samples]
+    assert [s["response"] for s in samples["main"]] == [s["response"] for s in expected_samples["main"]]
+
+
+SETS = {
+    "greedy": {},
+    "sampled": {"n": 3, "temperature": 1.0, "num_samples": 4, "breakdown_fields": ["kind"]},
+}
+
+
+def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(trained_run, make_config, tmp_path):
+    """Two sets (one sampled, n=3) per checkpoint with one weight load; evaluating step 6, then 2, then 6
+    again gives step 6 the same samples: each request's seed depends on what it samples, not on history."""
+    from evaluator.backends import make_backend
+    from evaluator.service import Evaluator
+    from shared.config import load_config
+
+    cfg = load_config(make_config({"evaluation": {"sets": SETS}}), [])
+    backend = make_backend(cfg.evaluation, False)
+    loads = []
+    real_load = backend.load
+    backend.load = lambda ckpt_dir: loads.append(ckpt_dir) or real_load(ckpt_dir)  # a spy on the real load
+    evaluator = Evaluator(cfg, backend, None)
+    layout = RunLayout(trained_run)
+    try:
+        first, first_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
+        evaluator.evaluate(2, layout.checkpoint_dir(2), "w2", tmp_path)
+        again, again_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
+    finally:
+        evaluator.close()
+    assert len(loads) == 3  # one per checkpoint, for both sets
+    assert list(first["sets"]) == ["greedy", "sampled"]
+    sampled = first_samples["sampled"]
+    assert len(first_samples["greedy"]) == 8 and len(sampled) == 4 * 3
+    metrics = first["sets"]["sampled"]["metrics"]
+    assert {"pass@1", "pass@2", "pass@3", "maj@1", "maj@2", "maj@3", "accuracy_truncated"} <= set(metrics)
+    assert any(k.startswith("accuracy_by/kind/type") for k in metrics)
+    assert first["sets"]["sampled"]["sampling"]["n"] == 3
+    # the n samples of a problem differ (temperature 1), and are the same the second time
+    assert len({s["response"] for s in sampled if s["problem"] == sampled[0]["problem"]}) > 1
+    assert [s["response"] for s in sampled] == [s["response"] for s in again_samples["sampled"]]
+    assert all(s["failure"] in (None, "truncated", "format", "no_answer", "wrong") for s in sampled)
+
+
+def test_a_restarted_evaluator_gives_the_same_samples(trained_run, make_config, tmp_path):
+    cfg = make_config({"evaluation": {"sets": SETS}})
+    ckpt = RunLayout(trained_run).checkpoint_dir(6)
+
+    def sampled(out, *overrides):
+        run_service("evaluator", "--config", cfg, "--ckpt", ckpt, "--out", tmp_path / out, *overrides)
+        return (tmp_path / out / "sampled" / "step_00000006.samples.jsonl").read_text()
+
+    assert sampled("a") == sampled("b")
+    assert sampled("c", "evaluation.seed=1") != sampled("a")
 
 
 def test_an_idle_watcher_does_not_spin(run_copy, tmp_path, evaluator):
@@ -432,7 +499,7 @@ def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_
             r
             for p in (eval_dir / "wandb").rglob("*.wandb")
             for r in read_wandb_history(p)
-            if r.get("train_step") == step and "eval/accuracy" in r
+            if r.get("train_step") == step and "eval/main/accuracy" in r
         ]
 
     assert len(rows_of_step(4)) == 1

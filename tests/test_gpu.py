@@ -67,21 +67,42 @@ def test_vllm_in_place_reload_matches_transformers(gpu_run):
     from shared.config import EvaluationConfig
 
     cfg = EvaluationConfig(temperature=0.0, max_tokens=48, gpu_memory_utilization=0.3, hf_batch_size=64)
+    greedy = cfg.eval_sets()[0]
     ps = prompts()
+    seeds = list(range(len(ps)))
     vllm = VLLMBackend(cfg, trust_remote_code=False, num_gpus=1)
     assert vllm.load(gpu_run / "step_00000300") == "new-engine"
-    before = [g.text for g in vllm.generate(ps)]
+    before = [g.text for g in vllm.generate(ps, seeds, greedy)]
     fp_before = vllm.fingerprint(ps[0])
     assert vllm.load(gpu_run / "step_00000600") == "in-place"
-    after = [g.text for g in vllm.generate(ps)]
+    after = [g.text for g in vllm.generate(ps, seeds, greedy)]
     assert vllm.fingerprint(ps[0]) != fp_before
 
     hf = HFBackend(cfg, trust_remote_code=False)
     hf.load(gpu_run / "step_00000600")
-    reference = [g.text for g in hf.generate(ps)]
+    reference = [g.text for g in hf.generate(ps, seeds, greedy)]
     same = sum(a == b for a, b in zip(after, reference)) / len(ps)
     changed = sum(a != b for a, b in zip(after, before)) / len(ps)
     print(f"vLLM vs transformers identical: {same:.2%}; changed by the reload: {changed:.2%}")
     assert same >= 0.95
     assert changed > 0
     vllm.close()
+
+
+def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gpu_run, monkeypatch, capsys):
+    """Last in this file: after it, this process runs vLLM engines in-process (vLLM caches its settings)."""
+    from evaluator.backends import VLLMBackend
+    from shared.config import EvaluationConfig
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    cfg = EvaluationConfig(temperature=0.0, max_tokens=16, gpu_memory_utilization=0.3, engine_start_timeout_s=1.0)
+    vllm = VLLMBackend(cfg, trust_remote_code=False, num_gpus=1)
+    try:
+        assert vllm.load(gpu_run / "step_00000600") == "new-engine"
+        out = capsys.readouterr().out
+        assert "vLLM's engine in a child process failed (did not start within 1s)" in out
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        ps = prompts(8)
+        assert len(vllm.generate(ps, list(range(8)), cfg.eval_sets()[0])) == 8
+    finally:
+        vllm.close()

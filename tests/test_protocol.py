@@ -15,7 +15,6 @@ from shared.protocol import (
     READY,
     CheckpointInvalid,
     Ledger,
-    Presence,
     RunInUse,
     RunLayout,
     Status,

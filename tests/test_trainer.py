@@ -10,7 +10,17 @@ import pytest
 import yaml
 
 from conftest import REPO, rewind_copy, run_service, service_env, start_service, wait_for
-from shared.protocol import READY, Ledger, Presence, RunLayout, Status, list_ready_checkpoints, verify_checkpoint
+from shared.protocol import (
+    READY,
+    Ledger,
+    Presence,
+    RunLayout,
+    Status,
+    list_ready_checkpoints,
+    read_manifest,
+    verify_checkpoint,
+    weights_id,
+)
 
 CKPT_FILES = {
     "READY",
@@ -35,11 +45,12 @@ def train_log(run_dir):
 def test_checkpoint_files_and_logs(trained_run):
     layout = RunLayout(trained_run)
     assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == [
+        "step_00000000",  # the base model, published first (training.publish_step0)
         "step_00000002",
         "step_00000004",
         "step_00000006",
     ]
-    for step in (2, 4, 6):
+    for step in (0, 2, 4, 6):
         ckpt = layout.checkpoint_dir(step)
         assert files_of(ckpt) == CKPT_FILES
         manifest = verify_checkpoint(ckpt)
@@ -53,6 +64,18 @@ def test_checkpoint_files_and_logs(trained_run):
         assert {"train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "train/response_entropy"} <= set(r)
     assert {r["train_step"] for r in rows if "train/checkpoint_blocked_s" in r} == {2, 4, 6}
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_step0_is_the_base_model(trained_run):
+    from safetensors.torch import load_file
+
+    layout = RunLayout(trained_run)
+    base = load_file(layout.base_model_dir / "model.safetensors")
+    step0 = load_file(layout.checkpoint_dir(0) / "model.safetensors")
+    step2 = load_file(layout.checkpoint_dir(2) / "model.safetensors")
+    assert step0.keys() == base.keys()
+    assert all(step0[k].equal(base[k]) for k in base)
+    assert not all(step2[k].equal(base[k]) for k in base)
 
 
 def test_checkpoint_loads_as_plain_hugging_face_model(trained_run):
@@ -112,12 +135,12 @@ def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_pa
     finally:
         proc.kill()
     assert layout.tmp_checkpoint_dir(4).exists()
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2]
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2]
     assert not layout.checkpoint_dir(4).exists()
     out = run_service("trainer", "--config", cfg).stdout
     assert "removed incomplete checkpoint" in out and "resumed from" in out
     assert not layout.tmp_checkpoint_dir(4).exists()
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 4, 6]
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 4, 6]
     for step in (2, 4, 6):
         verify_checkpoint(layout.checkpoint_dir(step))
 
@@ -143,7 +166,7 @@ def test_write_error_during_save_fails_loudly_and_keeps_earlier_checkpoints(tmp_
     assert proc.returncode != 0
     assert "saving checkpoint 4" in proc.stderr and "File too large" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2]
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2]
     assert not layout.tmp_checkpoint_dir(4).exists() and not layout.checkpoint_dir(4).exists()
     verify_checkpoint(layout.checkpoint_dir(2))
     assert (layout.checkpoint_dir(2) / "model.safetensors").read_bytes() == before
@@ -171,6 +194,37 @@ def test_retention_keeps_leased_and_needed_checkpoints(tmp_path, make_config):
     assert entries[4]["status"] == entries[8]["status"] == Status.DELETED
 
 
+def write_known_results(layout: RunLayout, accuracy_by_step: dict[int, float]) -> None:
+    """Evaluation results as the evaluator writes them, for the weights now in each step's folder."""
+    for step, accuracy in accuracy_by_step.items():
+        weights = weights_id(read_manifest(layout.checkpoint_dir(step)))
+        result = {"step": step, "weights_id": weights, "sets": {"main": {"metrics": {"accuracy": accuracy}}}}
+        layout.result_path("default", step).parent.mkdir(parents=True, exist_ok=True)
+        layout.result_path("default", step).write_text(json.dumps(result))
+
+
+def test_keep_best_keeps_the_best_evaluated_checkpoints_and_points_at_the_best(run_copy, make_config):
+    layout = RunLayout(run_copy)
+    write_known_results(layout, {0: 0.5, 2: 0.9, 4: 0.1, 6: 0.3})
+    retention = {"keep_last": 1, "keep_best": {"k": 2, "metric": "accuracy"}}
+    out = run_service("trainer", "--config", make_config({"training": {"max_steps": 10, **retention}})).stdout
+    # the 2 best (2: 0.9, 0: 0.5) and the newest; 4 and 6 (evaluated, worse) and 8 (never evaluated) go
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 10]
+    assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == [
+        "step_00000000",
+        "step_00000002",
+        "step_00000010",
+    ]
+    assert "keeping step 2 beyond keep_last=1: one of the 2 best by main accuracy (0.9)" in out
+    assert layout.best_path.is_symlink() and layout.best_path.resolve() == layout.checkpoint_dir(2).resolve()
+    verify_checkpoint(layout.best_path)
+    # a better result for a newer step moves the pointer at the next save, and the old best stays among the 2
+    write_known_results(layout, {10: 0.95})
+    run_service("trainer", "--config", make_config({"training": {"max_steps": 12, **retention}}, name="more.yaml"))
+    assert layout.best_path.resolve() == layout.checkpoint_dir(10).resolve()
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 10, 12]
+
+
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")
@@ -186,7 +240,7 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
         assert first.wait(120) == 0
     finally:
         first.kill()
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 4, 6]
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 4, 6]
 
 
 def test_rerunning_a_finished_run_does_nothing_and_keeps_its_config(run_copy, make_config):
@@ -194,7 +248,7 @@ def test_rerunning_a_finished_run_does_nothing_and_keeps_its_config(run_copy, ma
     proc = run_service("trainer", "--config", make_config())
     assert "already trained to step 6 (training.max_steps=6); nothing to do" in proc.stdout
     assert (run_copy / "config.yaml").read_text() == before
-    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [2, 4, 6]
+    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [0, 2, 4, 6]
 
 
 def test_resume_refuses_changes_to_the_past_and_states_extensions(trained_run, tmp_path, make_config):
@@ -202,11 +256,11 @@ def test_resume_refuses_changes_to_the_past_and_states_extensions(trained_run, t
     bad = run_service("trainer", "--config", make_config({"training": {"batch_size": 4, "seed": 1}}), check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "training.batch_size: 8 -> 4" in bad.stderr and "training.seed: 0 -> 1" in bad.stderr  # every change at once
-    assert list(list_ready_checkpoints(run / "checkpoints")) == [2]
+    assert list(list_ready_checkpoints(run / "checkpoints")) == [0, 2]
     out = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}})).stdout
     assert "resume: training.max_steps: 6 -> 8" in out
     assert "the cosine schedule now ends at step 8, not 6: learning rate at step 2 is" in out
-    assert list(list_ready_checkpoints(run / "checkpoints")) == [2, 4, 6, 8]
+    assert list(list_ready_checkpoints(run / "checkpoints")) == [0, 2, 4, 6, 8]
 
 
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(run_copy, make_config):
@@ -218,7 +272,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(r
     assert "moved it aside to" in proc.stdout and "corrupt_step_00000006" in proc.stdout
     assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
     assert (run_copy / "checkpoints" / "corrupt_step_00000006").is_dir()
-    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [2, 4, 6]
+    assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [0, 2, 4, 6]
     verify_checkpoint(run_copy / "checkpoints" / "step_00000006")
 
 

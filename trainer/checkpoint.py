@@ -28,6 +28,7 @@ from shared.hf_models import tied_weight_names
 from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
+    BestRule,
     CheckpointInvalid,
     CheckpointWriteError,
     ResumeError,
@@ -135,17 +136,19 @@ class AsyncCheckpointer:
         d: Dist = Dist(),
         eval_backfill: dict[str, bool] | None = None,
         master_weights: list[torch.Tensor] | None = None,
+        keep_best: BestRule | None = None,
     ):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
-        `eval_backfill`: {evaluation name: backfill} of the run's config, for retention. `master_weights`: the
+        `eval_backfill`: {evaluation name: backfill} of the run's config, and `keep_best`, for retention. `master_weights`: the
         fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state for an exact resume."""
         self.d = d
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
         self.eval_backfill = eval_backfill or {}
+        self.keep_best = keep_best
         self.master_weights = master_weights
         self._announced_kept: set[int] = set()
         self.static_files = {
@@ -171,11 +174,19 @@ class AsyncCheckpointer:
         # Sharded: weights are gathered to rank 0 at save time, only this rank's state is snapshotted.
         weights = {} if self.d.enabled else untied_state_dict(model)
         self._thread = threading.Thread(
-            target=self._allocate, args=(weights, self._state_tree(optimizer)), name="ckpt-alloc", daemon=True
+            target=self._allocate,
+            args=(self._thread, weights, self._state_tree(optimizer)),
+            name="ckpt-alloc",
+            daemon=True,
         )
         self._thread.start()
 
-    def _allocate(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def _allocate(
+        self, in_flight: threading.Thread | None, weights: dict[str, torch.Tensor], state: dict[str, Any]
+    ) -> None:
+        """After the save in flight (step 0's: it still reads the buffers), buffers for the full state."""
+        if in_flight is not None:
+            in_flight.join()
         try:
             self._model_snapshot.allocate(weights)
             self._state_snapshot.allocate(state)
@@ -304,7 +315,7 @@ class AsyncCheckpointer:
         beyond keep_last (once per step) and which deleted steps an evaluation never saw."""
         if self.keep_last is None:
             return
-        outcome = unpublish_old_checkpoints(self.layout, self.keep_last, self.eval_backfill)
+        outcome = unpublish_old_checkpoints(self.layout, self.keep_last, self.eval_backfill, self.keep_best)
         for step in outcome.deleted:
             shutil.rmtree(self.layout.checkpoint_dir(step), ignore_errors=True)
             if step in outcome.unseen_by:

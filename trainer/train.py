@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.config import EMBEDDED_MODEL, Config, ConfigError, resume_config_changes
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt
 from shared.protocol import (
+    BestRule,
     CheckpointInvalid,
     RunLayout,
     TrainerLock,
@@ -87,6 +88,11 @@ def resolve_model_path(cfg: Config, layout: RunLayout, template: str, train: lis
         save_embedded_model(cfg.model, template, train, tmp, cfg.training.seed)
         tmp.rename(layout.base_model_dir)
     return str(layout.base_model_dir)
+
+
+def best_rule(cfg: Config) -> BestRule | None:
+    best = cfg.training.keep_best
+    return BestRule(cfg.evaluation.name, cfg.best_set(), best.metric, best.k) if best else None
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
@@ -313,6 +319,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         d,
         eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
         master_weights=master.params if master else None,
+        keep_best=best_rule(cfg),
     )
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     attention = "varlen flash" if varlen else "sdpa"
@@ -331,6 +338,9 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- loop
     step = start_step
+    trainer_state = {"config_hash": cfg.hash(), "config": cfg.to_dict()}
+    if tc.publish_step0 and resume_from is None:  # the base model: every evaluation curve starts here
+        checkpointer.save(0, model, optimizer, {"step": 0, **trainer_state})
     flops_per_token = 6 * num_params
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
@@ -390,9 +400,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                saved = checkpointer.save(
-                    step, model, optimizer, {"step": step, "config_hash": cfg.hash(), "config": cfg.to_dict()}
-                )
+                saved = checkpointer.save(step, model, optimizer, {"step": step, **trainer_state})
                 metrics.update(
                     {
                         "train/checkpoint_blocked_s": saved["blocked_s"],

@@ -1,0 +1,168 @@
+"""The report: table, --diff of flipped problems, PNG and a self-contained HTML page seen in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, service_env
+from evaluator.metrics import changes, set_metrics
+from evaluator.service import write_result
+from shared.protocol import RunLayout
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# problem -> right at steps 0, 100, 200 (one sample each; problem 3 carries no level)
+RIGHT = {0: (0, 1, 1), 1: (1, 1, 0), 2: (0, 0, 1), 3: (0, 1, 1)}
+FIELDS = {0: {"level": 1}, 1: {"level": 1}, 2: {"level": 2}, 3: {}}
+
+
+def sample(problem: int, step_index: int) -> dict:
+    right = RIGHT[problem][step_index]
+    return {
+        "problem": problem,
+        "sample": 0,
+        "prompt": f"Question {problem}?",
+        "response": f"reasoning of step {step_index} </think> <answer> {42 if right else 7} </answer>",
+        "ground_truth": "42",
+        "answer": "42" if right else "7",
+        "vote": "42" if right else "7",
+        "num_tokens": 10 + step_index,
+        "truncated": False,
+        "format_reward": 1.0,
+        "answer_reward": float(right),
+        "reward": float(right),
+        "failure": None if right else "wrong",
+    }
+
+
+@pytest.fixture
+def evaluated_run(tmp_path):
+    """A run folder with three evaluated steps, written by the evaluator's own writer, and a train log."""
+    run = tmp_path / "runs" / "r"
+    eval_dir = RunLayout(run).eval_dir("default")
+    eval_dir.mkdir(parents=True)
+    previous = None
+    for i, step in enumerate((0, 100, 200)):
+        samples = [sample(p, i) for p in RIGHT]
+        metrics = set_metrics(samples, 1, FIELDS, ["level"])
+        flips = changes(previous[1], samples) if previous else {"learned": [], "forgotten": []}
+        if previous:
+            metrics["learned"], metrics["forgotten"] = len(flips["learned"]), len(flips["forgotten"])
+        set_result = {
+            "step": step,
+            "set": "math",
+            "sampling": {"n": 1},
+            "metrics": metrics,
+            "changes": {"vs_step": previous[0] if previous else None, **flips},
+        }
+        result = {
+            "step": step,
+            "checkpoint": "x",
+            "weights_id": f"w{step}",
+            "eval_name": "default",
+            "time": 0.0,
+            "sets": {"math": set_result},
+            "timings_s": {"total": 1.0, "reload": 0.1},
+        }
+        write_result(eval_dir, result, {"math": samples})
+        previous = (step, samples)
+    rows = [{"train_step": s, "train/loss": 2.0 / s, "train/lr": 1e-3 * (1 - s / 300)} for s in range(1, 201)]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "evaluator.report", *args],
+        cwd=REPO,
+        env=service_env(COLUMNS="100"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_diff_lists_learned_and_forgotten_problems_side_by_side(evaluated_run):
+    proc = report(str(evaluated_run), "--diff", "100", "200")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "[math] step 100 -> step 200: 1 learned, 1 forgotten" in out
+    assert "== LEARNED: problem 2   reference answer: 42" in out
+    assert "== FORGOTTEN: problem 1   reference answer: 42" in out
+    learned = out.split("== LEARNED")[1].split("== FORGOTTEN")[0]
+    # both responses, side by side: the old one on the left, the new one on the right of the same line
+    line = next(ln for ln in learned.splitlines() if "reasoning of step 1" in ln)
+    assert "|" in line and "reasoning of step 2" in line.split("|", 1)[1]
+    assert "step 100 (0/1 right; sample 0, wrong):" in learned
+    bad = report(str(evaluated_run), "--diff", "100", "300")
+    assert bad.returncode != 0 and "no samples of set 'math' at step 300" in bad.stderr
+    unknown = report(str(evaluated_run), "--diff", "0", "100", "--set", "aime")
+    assert unknown.returncode != 0 and "--set aime: no such set" in unknown.stderr
+
+
+def test_results_record_flips_and_the_table_shows_them(evaluated_run):
+    result = json.loads((RunLayout(evaluated_run).eval_dir("default") / "step_00000200.json").read_text())
+    assert result["sets"]["math"]["changes"] == {"vs_step": 100, "learned": [2], "forgotten": [1]}
+    proc = report(str(evaluated_run))
+    assert proc.returncode == 0, proc.stderr
+    rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()}
+    assert rows["100"][1] == "0.750" and rows["100"][5:7] == ["2", "0"]  # accuracy; learned problems 0 and 3
+    assert rows["200"][1] == "0.750" and rows["200"][5:7] == ["1", "1"]
+
+
+def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
+    proc = report(str(evaluated_run))
+    assert proc.returncode == 0, proc.stderr
+    eval_dir = RunLayout(evaluated_run).eval_dir("default")
+    page, png = eval_dir / "report.html", eval_dir / "report.png"
+    assert f"report: {page}" in proc.stdout and f"figure: {png}" in proc.stdout
+    text = page.read_text()
+    for title in (
+        "Training: loss and learning rate",
+        "math: accuracy, pass@k, maj@k",
+        "math: accuracy by level over steps",
+        "math: response length and truncation",
+        "math: why samples are wrong",
+        "math: problems learned / forgotten",
+    ):
+        assert title in text, title
+    assert "--diff 100 200 --set math" in text
+    # self-contained: nothing loaded from elsewhere (the heatmaps' images are inline data)
+    assert not re.search(r'(?:src|href)="(?!data:|#)', text) and "<link" not in text and "<script" not in text
+    from PIL import Image
+
+    assert Image.open(png).size[0] >= 1000
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make test installs it where apt-get can)")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 2400)
+    histogram = image.histogram()
+    assert max(histogram) < 0.97 * sum(histogram)  # not a blank page: the charts drew
+    shutil.copy(shot, eval_dir / "report-screenshot.png")
