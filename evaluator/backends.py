@@ -201,6 +201,9 @@ class VLLMBackend:
         # vLLM reads this variable when an engine is built, and only an in-process engine caches it.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if cfg.vllm_engine_process == "child" else "0")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        # Children are spawned, never forked: this process has threads (heartbeat, watcher, grader pipes), and a
+        # forked engine core hung at start-up after "Using V2 Model Runner" (seen on H200, 2026-11-26).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         try:
             import vllm
         except ImportError as exc:
@@ -248,32 +251,18 @@ class VLLMBackend:
 
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             return build()
-        before = set(child_pids())
-        timed_out = threading.Event()
-
-        def kill_new_children() -> None:
-            timed_out.set()
-            for pid in set(child_pids()) - before:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-        timer = threading.Timer(self.cfg.engine_start_timeout_s, kill_new_children)
-        timer.daemon = True
-        timer.start()
+        deadline = ChildDeadline(self.cfg.engine_start_timeout_s)
         try:
-            return build()
+            with deadline:
+                return build()
         except Exception as exc:  # noqa: BLE001 - vLLM raises many types; all mean "the child did not start"
-            why = f"did not start within {self.cfg.engine_start_timeout_s:g}s" if timed_out.is_set() else str(exc)
+            why = f"did not start within {self.cfg.engine_start_timeout_s:g}s" if deadline.expired else str(exc)
             print(
                 f"warning: vLLM's engine in a child process failed ({why.splitlines()[0] if why else 'no reason'}); "
                 "running it in this process from now on (evaluation.vllm_engine_process=in-process skips the try)"
             )
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             return build()
-        finally:
-            timer.cancel()
 
     def load(self, ckpt_dir: Path) -> str:
         signature = model_signature(ckpt_dir)
@@ -300,9 +289,10 @@ class VLLMBackend:
         sampling: EvalSetConfig,
         progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
-        """One response per prompt, request i sampled with its own generator seeded with seeds[i]: the
-        same samples whatever else the engine ran before (vLLM 0.26's default model runner samples
-        seeded requests in its batched kernel: no slower path)."""
+        """One response per prompt, request i sampled with noise seeded by seeds[i]: the same requests
+        submitted together give the same samples whatever the engine ran before (a restarted evaluator does
+        that). Another batch around them changes the bf16 logits slightly, so long samples can then differ
+        (BENCHMARKS.md). Seeds cost 6 % of raw generation in vLLM 0.26 (measured on H100)."""
         params = [
             self.vllm.SamplingParams(
                 n=1,
@@ -348,6 +338,41 @@ class VLLMBackend:
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
             self.llm = None
+
+
+class ChildDeadline:
+    """`with ChildDeadline(t):` if the block runs longer than t seconds, every child process started since it
+    began (and any started later, until it ends) is killed: code that waits without a deadline for a child
+    that hangs (vLLM waiting for its engine core) then fails instead of hanging. `expired` says it happened."""
+
+    POLL_S = 0.2
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.expired = False
+        self._done = threading.Event()
+
+    def __enter__(self) -> "ChildDeadline":
+        self._before = set(child_pids())
+        self._thread = threading.Thread(target=self._watch, name="child-deadline", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        if self._done.wait(self.timeout_s):
+            return
+        self.expired = True
+        while not self._done.is_set():
+            for pid in set(child_pids()) - self._before:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._done.wait(self.POLL_S)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def child_pids() -> list[int]:

@@ -24,12 +24,28 @@ from shared.protocol import RunLayout, parse_step, step_dirname
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
-    """The step result files of an evaluation, by step."""
+    """The step result files of an evaluation, by step, with learned/forgotten counted between consecutive
+    steps: each result records them against the nearest earlier step evaluated before it, which is another
+    step when evaluations ran out of order (newest first, back-fill)."""
     results = []
     for path in sorted(eval_dir.glob("step_*.json")):
         if parse_step(path.stem) is not None:
             results.append(json.loads(path.read_text()))
-    return sorted(results, key=lambda r: r["step"])
+    results.sort(key=lambda r: r["step"])
+    for name in set_names(results):
+        previous = None
+        for r in results:
+            set_result = result_sets(r).get(name)
+            path = eval_dir / name / f"{step_dirname(r['step'])}.samples.jsonl"
+            if set_result is None or not path.is_file():
+                continue
+            samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if previous is not None:
+                flips = changes(previous[1], samples)
+                set_result["changes"] = {"vs_step": previous[0], **flips}
+                set_result["metrics"].update(learned=len(flips["learned"]), forgotten=len(flips["forgotten"]))
+            previous = (r["step"], samples)
+    return results
 
 
 def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -71,6 +87,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         n = _largest_n(results, name)
         sampled = [f"pass@{n}", f"maj@{n}"] if n > 1 else []
         head = ["step", "accuracy", *sampled, "format", "length", "trunc", "learned", "forgot", "top failure"]
+        # learned / forgot: problems that flipped since the step on the line above
         lines = [f"[{name}] n={n}", "  ".join(f"{h:>9}" for h in head)]
         for r in results:
             if name not in result_sets(r):
@@ -283,7 +300,7 @@ def write_png(panels: list[tuple[str, Any]], out: Path, title: str) -> Path:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # room for the title
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

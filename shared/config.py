@@ -251,7 +251,7 @@ class EvaluationConfig:
     vllm_engine_process: Literal["child", "in-process"] = "child"
     """child: vLLM's engine core runs in a child process (faster; falls back to in-process, with a warning,
     when it does not start within engine_start_timeout_s)."""
-    engine_start_timeout_s: float = 600.0
+    engine_start_timeout_s: float = 300.0
     """Longest wait for a vLLM engine core in a child process to start before falling back to in-process."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""

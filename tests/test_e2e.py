@@ -147,6 +147,17 @@ def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
     logged = [json.loads(line)["train_step"] for line in (eval_dir / "eval_log.jsonl").read_text().splitlines()]
     assert sorted(logged) == [0, 2, 4, 6, 8]
     assert sorted(wandb_history_steps(eval_dir / "wandb")) == [0, 2, 4, 6, 8]
+    from shared.tracking import read_wandb_history
+
+    # a table of sample generations (prompt, response, reference answer, rewards, failure kind) per step
+    tables = [
+        row
+        for path in (eval_dir / "wandb").rglob("*.wandb")
+        for row in read_wandb_history(path)
+        if row.get("eval/main/samples/_type") == "table-file"
+    ]
+    assert tables and {row["train_step"] for row in tables} <= {0, 2, 4, 6, 8}
+    assert all(row["eval/main/samples/nrows"] == 8 and row["eval/main/samples/ncols"] == 9 for row in tables)
 
 
 # ------------------------------------------------------------------------------- 3. trainer crash mid-save

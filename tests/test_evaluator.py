@@ -510,3 +510,40 @@ def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_
     assert "step 4: already in W&B's files; marked logged" in out
     assert len(rows_of_step(4)) == 1 and ledger_of(run_copy)[4]["logged"] is True
     assert len(list((eval_dir / "wandb").glob("offline-run-*"))) == 2  # one W&B run per evaluator process
+
+
+def _start_and_wait(ctx, delay_s: float):
+    """As vLLM waits for its engine core: start a child that never gets ready, and wait on it with no deadline."""
+    time.sleep(delay_s)
+    child = ctx.Process(target=time.sleep, args=(600,))
+    child.start()
+    child.join()
+    return child
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1.5], ids=["child-started-before", "child-started-after"])
+def test_a_hung_engine_child_is_killed_at_the_deadline(delay_s):
+    """The vLLM engine's start-up bound (evaluation.engine_start_timeout_s), with real processes: a child started
+    before or after the deadline is killed once it has passed, so the wait on it ends; children from before
+    the deadline's start are left alone."""
+    import multiprocessing
+
+    from evaluator.backends import ChildDeadline
+
+    ctx = multiprocessing.get_context("spawn")
+    bystander = ctx.Process(target=time.sleep, args=(30,))
+    bystander.start()
+    try:
+        t0 = time.monotonic()
+        with ChildDeadline(1.0) as deadline:
+            child = _start_and_wait(ctx, delay_s)
+        assert deadline.expired and child.exitcode == -signal.SIGKILL
+        assert time.monotonic() - t0 < 10
+        assert bystander.is_alive()
+        with ChildDeadline(5.0) as in_time:
+            quick = ctx.Process(target=time.sleep, args=(0.1,))
+            quick.start()
+            quick.join()
+        assert not in_time.expired and quick.exitcode == 0
+    finally:
+        bystander.kill()

@@ -89,20 +89,26 @@ def test_vllm_in_place_reload_matches_transformers(gpu_run):
     vllm.close()
 
 
-def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gpu_run, monkeypatch, capsys):
-    """Last in this file: after it, this process runs vLLM engines in-process (vLLM caches its settings)."""
-    from evaluator.backends import VLLMBackend
-    from shared.config import EvaluationConfig
-
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    cfg = EvaluationConfig(temperature=0.0, max_tokens=16, gpu_memory_utilization=0.3, engine_start_timeout_s=1.0)
-    vllm = VLLMBackend(cfg, trust_remote_code=False, num_gpus=1)
-    try:
-        assert vllm.load(gpu_run / "step_00000600") == "new-engine"
-        out = capsys.readouterr().out
-        assert "vLLM's engine in a child process failed (did not start within 1s)" in out
-        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-        ps = prompts(8)
-        assert len(vllm.generate(ps, list(range(8)), cfg.eval_sets()[0])) == 8
-    finally:
-        vllm.close()
+def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gpu_run, tmp_path):
+    """The real service, with a start-up bound no engine meets: the child is killed, the engine is built in the
+    evaluator's own process, one warning says so, and the checkpoint is evaluated. The bound (8 s) passes while
+    the engine core starts (about 20 s), after vLLM's model inspection helper has finished: a bound of 1 s
+    killed that helper, and vLLM then refused the model in-process too (it keeps the failed inspection)."""
+    proc = run_service(
+        "evaluator",
+        "--config",
+        gpu_run.parent.parent.parent / "cfg.yaml",
+        "--ckpt",
+        gpu_run / "step_00000600",
+        "--out",
+        tmp_path / "out",
+        "evaluation.backend=vllm",
+        "evaluation.engine_start_timeout_s=8",
+        "evaluation.gpu_memory_utilization=0.3",
+        env_extra={
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        },
+    )
+    assert "vLLM's engine in a child process failed (did not start within 8s)" in proc.stdout
+    assert (tmp_path / "out" / "step_00000600.json").is_file()

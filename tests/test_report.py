@@ -166,3 +166,35 @@ def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
     histogram = image.histogram()
     assert max(histogram) < 0.97 * sum(histogram)  # not a blank page: the charts drew
     shutil.copy(shot, eval_dir / "report-screenshot.png")
+
+
+def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_problems(
+    evaluated_run, make_config, tmp_path
+):
+    """The evaluator's W&B logging, into real offline W&B files, read back from them."""
+    from evaluator.service import Evaluator
+    from shared.config import load_config
+    from shared.tracking import Tracker, read_wandb_history
+
+    cfg = load_config(make_config({"wandb": {"mode": "offline"}, "evaluation": {"num_logged_samples": 3}}), [])
+    eval_dir = RunLayout(evaluated_run).eval_dir("default")
+    result = json.loads((eval_dir / "step_00000200.json").read_text())
+    samples = [
+        json.loads(line) for line in (eval_dir / "math" / "step_00000200.samples.jsonl").read_text().splitlines()
+    ]
+    tracker = Tracker(cfg, "eval", "train_step", tmp_path / "wb")
+    evaluator = Evaluator(cfg, None, tracker)  # only its logging is used: no engine
+    try:
+        evaluator.log(result, {"math": samples})
+    finally:
+        evaluator.grader.close()
+        tracker.finish()
+    rows = [row for path in (tmp_path / "wb" / "wandb").rglob("*.wandb") for row in read_wandb_history(path)]
+    metrics = next(row for row in rows if "eval/math/accuracy" in row)
+    assert metrics["train_step"] == 200 and metrics["eval/math/learned"] == 1
+    assert "eval/math/failure_rate/wrong" in metrics
+    tables = {k.rsplit("/", 1)[0]: row for row in rows for k in row if k.endswith("/_type")}
+    assert tables["eval/math/samples"]["eval/math/samples/nrows"] == 3
+    assert tables["eval/math/samples"]["eval/math/samples/ncols"] == 9
+    assert tables["eval/math/flips"]["eval/math/flips/nrows"] == 2  # problem 2 learned, problem 1 forgotten
+    assert all(row["train_step"] == 200 for row in tables.values())
