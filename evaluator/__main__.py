@@ -90,7 +90,7 @@ def main() -> int:
         if args.ckpt:
             try:
                 evaluate_folder(cfg, Path(args.ckpt), evaluator, out_dir, args.force)
-            except Exception:
+            except BaseException:  # a failure or a stop (Ctrl-C): nothing half-made stays
                 # Nothing of a failed evaluation stays in a results folder it created, unless that folder is a run's
                 # own evaluation folder, which a watcher starting meanwhile may share.
                 if out_dir_is_new and out_dir != RunLayout(Path(args.ckpt).parent.parent).eval_dir(cfg.evaluation.name):

@@ -199,7 +199,8 @@ class VLLMBackend:
         # The engine core runs in a child process unless the user chose otherwise (measured faster on H100:
         # 0.93x raw generate against 0.84x in-process); FlashInfer's sampler is not always installed.
         # vLLM reads this variable when an engine is built, and only an in-process engine caches it.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if cfg.vllm_engine_process == "child" else "0")
+        # The config decides (the GPU kit's install script exports 0 as its own default).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.vllm_engine_process == "child" else "0"
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         # Children are spawned, never forked: this process has threads (heartbeat, watcher, grader pipes), and a
         # forked engine core hung at start-up after "Using V2 Model Runner" (seen on H200, 2026-11-26).
@@ -255,7 +256,10 @@ class VLLMBackend:
         try:
             with deadline:
                 return build()
-        except Exception as exc:  # noqa: BLE001 - vLLM raises many types; all mean "the child did not start"
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many types
+            # Only a child that hung or died falls back; a model that cannot load stays an error (EngineError).
+            if not (deadline.expired or "Engine core initialization failed" in str(exc)):
+                raise
             why = f"did not start within {self.cfg.engine_start_timeout_s:g}s" if deadline.expired else str(exc)
             print(
                 f"warning: vLLM's engine in a child process failed ({why.splitlines()[0] if why else 'no reason'}); "

@@ -2,23 +2,28 @@
 
 A sample is a dict (one line of `eval/<name>/<set>/step_N.samples.jsonl`) with at least `problem` (the
 problem's index in its data set), `sample` (0..n-1), `reward`, `format_reward`, `truncated`, `num_tokens`,
-`vote` (the grader-normalised answer, None when there is none) and `failure` (see `failure_kind`).
+`vote` (the grader-normalised answer, None when there is none), `failure` (see `failure_kind`) and `grader`
+(None, "timeout" or "error": the grader's own trouble with it, whatever its failure kind).
 
 Definitions (the same for every set, backend and n):
 - accuracy: mean reward over all n samples of all problems (mean@n).
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem with c correct of n, averaged.
 - maj@k: majority vote over the first k samples' normalised answers (samples without an answer do not
-  vote); a tie between answers counts the fraction of the tied answers that are right (the expected
-  accuracy of breaking the tie at random).
+  vote); an answer is right when a sample giving it was graded right; a tie between answers counts the
+  fraction of the tied answers that are right (the expected accuracy of breaking the tie at random).
 - A problem is solved at a checkpoint when at least half of its samples are right; learned = unsolved at
   the earlier checkpoint and solved at the later one, forgotten = the reverse.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any, Iterable
+
+from shared.config import reported_ks
 
 FAILURE_KINDS = ("truncated", "format", "grader_timeout", "grader_error", "no_answer", "wrong")
 """Why a sample is wrong, first match in this order: cut at max_tokens; no or broken r1_zero format;
@@ -43,12 +48,6 @@ def failure_kind(
     return "no_answer" if vote is None else "wrong"
 
 
-def k_values(n: int) -> list[int]:
-    """1, 2, 4, ... up to n, and n itself."""
-    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
-    return ks if ks[-1] == n else [*ks, n]
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples drawn without replacement from n (c right) is right."""
     if n - c < k:
@@ -64,6 +63,18 @@ def majority_at_k(votes: list[str | None], rewards: list[float], k: int) -> floa
     winners = [v for v, c in counts.items() if c == top]
     right = {v for v, r in zip(votes[:k], rewards[:k]) if v is not None and r == 1.0}
     return sum(v in right for v in winners) / len(winners)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """A samples file (JSON lines); ValueError naming the file and line when one is not JSON."""
+    samples = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                samples.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+    return samples
 
 
 def by_problem(samples: Iterable[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -110,10 +121,10 @@ def set_metrics(
         "truncation_rate": len(truncated) / num,
         "accuracy_truncated": sum(truncated) / len(truncated) if truncated else None,
         "accuracy_completed": sum(completed) / len(completed) if completed else None,
-        "grader_timeouts": failures["grader_timeout"],
-        "grader_errors": failures["grader_error"],
+        "grader_timeouts": sum(s.get("grader") == "timeout" for s in samples),
+        "grader_errors": sum(s.get("grader") == "error" for s in samples),
     }
-    for k in k_values(n):
+    for k in reported_ks(n):
         metrics[f"pass@{k}"] = sum(
             pass_at_k(len(g), sum(s["reward"] == 1.0 for s in g), k) for g in groups.values()
         ) / len(groups)

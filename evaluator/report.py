@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from evaluator.metrics import FAILURE_KINDS, by_problem, changes, result_sets
+from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, result_sets
 from shared.protocol import RunLayout, parse_step, step_dirname
 
 
@@ -30,7 +30,10 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
     results = []
     for path in sorted(eval_dir.glob("step_*.json")):
         if parse_step(path.stem) is not None:
-            results.append(json.loads(path.read_text()))
+            try:
+                results.append(json.loads(path.read_text()))
+            except ValueError as exc:
+                raise ValueError(f"{path}: not a readable result ({exc})") from None
     results.sort(key=lambda r: r["step"])
     for name in set_names(results):
         previous = None
@@ -39,12 +42,13 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
             path = eval_dir / name / f"{step_dirname(r['step'])}.samples.jsonl"
             if set_result is None or not path.is_file():
                 continue
-            samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if previous is not None:
+            samples = read_samples(path)
+            same = (set_result.get("problems_id"), set_result["sampling"].get("n"))
+            if previous is not None and previous[2] == same:
                 flips = changes(previous[1], samples)
                 set_result["changes"] = {"vs_step": previous[0], **flips}
                 set_result["metrics"].update(learned=len(flips["learned"]), forgotten=len(flips["forgotten"]))
-            previous = (r["step"], samples)
+            previous = (r["step"], samples, same)
     return results
 
 
@@ -119,7 +123,7 @@ def read_set_samples(eval_dir: Path, set_name: str, step: int) -> list[dict[str,
     path = eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no samples of set {set_name!r} at step {step} (evaluated steps: see the table)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_samples(path)
 
 
 def _side_by_side(left: str, right: str, width: int) -> list[str]:
@@ -404,7 +408,10 @@ def main() -> int:
     args = parser.parse_args()
     run_dir = Path(args.run)
     eval_dir = RunLayout(run_dir).eval_dir(args.name)
-    results = load_results(eval_dir)
+    try:
+        results = load_results(eval_dir)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not results:
         raise SystemExit(f"error: {eval_dir}: no evaluation results")
     if args.diff:

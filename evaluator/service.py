@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from evaluator.backends import EngineError
 from evaluator.grader import GraderPool, extract_answer, vote_key
-from evaluator.metrics import breakdown_fields, changes, failure_kind, result_sets, set_metrics
+from evaluator.metrics import breakdown_fields, changes, failure_kind, read_samples, result_sets, set_metrics
 from evaluator.scheduler import claim_next, claim_step, give_back, holds_claim
 from evaluator.watcher import CheckpointWatcher
 from shared.config import Config, EvalSetConfig
@@ -46,8 +46,9 @@ from shared.protocol import (
 from shared.tracking import Tracker
 
 
-class Stop(Exception):
-    """SIGINT/SIGTERM: stop taking work, drop the evaluation in progress, exit 0."""
+class Stop(BaseException):
+    """SIGINT/SIGTERM: stop taking work, drop the evaluation in progress, exit 0. A BaseException, like
+    KeyboardInterrupt: the `except Exception` of a loader or an engine start must not turn it into a failure."""
 
 
 _stop_state = {"deferred": False, "requested": False}
@@ -113,21 +114,36 @@ def load_eval_sets(cfg: Config) -> list[EvalSet]:
     return sets
 
 
-def previous_samples(eval_dir: Path, set_name: str, step: int) -> tuple[int, list[dict[str, Any]]] | None:
-    """(step, samples) of the nearest earlier step of this set with results on disk, if any."""
-    earlier = []
-    for path in (eval_dir / set_name).glob("step_*.samples.jsonl"):
-        other = parse_step(path.name.split(".")[0])
-        if other is not None and other < step and path.with_name(f"{step_dirname(other)}.json").is_file():
-            earlier.append((other, path))
-    if not earlier:
-        return None
-    other, path = max(earlier)
-    return other, read_samples(path)
+def problems_id(examples: list[Example]) -> str:
+    """Which problems a set holds (index and answer of each): flips are counted only between equal ones."""
+    return hashlib.sha256(json.dumps([[ex.index, ex.answer] for ex in examples]).encode()).hexdigest()[:16]
 
 
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def previous_samples(eval_dir: Path, set_result: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
+    """(step, samples) of the nearest earlier step of this set with results on disk for the same problems
+    and n, if any. A samples file that cannot be read is named in a warning and passed over."""
+    name, step = set_result["set"], set_result["step"]
+    earlier = sorted(
+        (other, path)
+        for path in (eval_dir / name).glob("step_*.json")
+        if (other := parse_step(path.stem)) is not None and other < step
+    )
+    for other, path in reversed(earlier):
+        try:
+            before = json.loads(path.read_text())
+            whole = json.loads((eval_dir / path.name).read_text())  # written last: the set's files are complete
+            if (
+                before.get("problems_id") != set_result["problems_id"]
+                or before["sampling"]["n"] != set_result["sampling"]["n"]
+                or before.get("weights_id") != whole.get("weights_id")
+            ):
+                continue
+            return other, read_samples(path.with_name(f"{path.stem}.samples.jsonl"))
+        except FileNotFoundError:
+            continue  # the step's own result file is not there: a recording that did not finish
+        except (ValueError, KeyError) as exc:
+            print(f"warning: {path}: not used to count learned/forgotten problems: {exc}")
+    return None
 
 
 class Evaluator:
@@ -137,6 +153,13 @@ class Evaluator:
         self.backend = backend
         self.tracker = tracker
         self.sets = load_eval_sets(cfg)
+        for es in self.sets:  # what a set inherited from the section is visible before any result
+            sc = es.cfg
+            print(
+                f"evaluation set {sc.name}: {len(es.examples)} problems x {sc.n} sample{'s' if sc.n > 1 else ''}, "
+                f"temperature {sc.temperature:g}, top_p {sc.top_p:g}, max_tokens {sc.max_tokens} ({sc.data.path}); "
+                f"accuracy by {', '.join(es.breakdown) or 'no field'}"
+            )
         self.grader = GraderPool(ec.num_grader_workers, ec.grader_timeout_s)
         self.owner_id = current_owner()["id"]  # who claims steps and records results: this process
         self.last_fingerprint: list[float] | None = None
@@ -230,18 +253,15 @@ class Evaluator:
                     "truncated": g.truncated,
                     **r,
                     "failure": failure_kind(r["reward"], r["format_reward"], g.truncated, problem, vote),
+                    "grader": problem,
                 }
             )
-        metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem(), eval_set.breakdown)
-        previous = previous_samples(eval_dir, sc.name, step)
-        flips = changes(previous[1], samples) if previous else {"learned": [], "forgotten": []}
-        if previous:
-            metrics["learned"], metrics["forgotten"] = len(flips["learned"]), len(flips["forgotten"])
         generated_tokens = sum(g.num_tokens for g in generations)
-        return {
+        set_result = {
             "step": step,
             "set": sc.name,
             "data": sc.data.path,
+            "problems_id": problems_id(eval_set.examples),
             "sampling": {
                 "n": sc.n,
                 "temperature": sc.temperature,
@@ -250,11 +270,18 @@ class Evaluator:
                 "stop": sc.stop,
                 "seed": seed,
             },
-            "metrics": metrics,
-            "changes": {"vs_step": previous[0] if previous else None, **flips},
+            "metrics": set_metrics(samples, sc.n, eval_set.fields_by_problem(), eval_set.breakdown),
             "timings_s": {"generation": generate_s, "grading": grade_s},
             "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
-        }, samples
+        }
+        # Flips against the nearest earlier step evaluated so far (named: with newest-first or back-fill order
+        # it may not be the step just before; the report counts between consecutive steps).
+        previous = previous_samples(eval_dir, set_result)
+        flips = changes(previous[1], samples) if previous else {"learned": [], "forgotten": []}
+        set_result["changes"] = {"vs_step": previous[0] if previous else None, **flips}
+        if previous:
+            set_result["metrics"].update(learned=len(flips["learned"]), forgotten=len(flips["forgotten"]))
+        return set_result, samples
 
     # -- recording -------------------------------------------------------------------------------
 

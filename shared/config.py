@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,16 @@ class TrainingConfig:
         self.data.validate(f"{key}.data")
         if self.keep_best is not None:
             self.keep_best.validate(f"{key}.keep_best")
+
+
+def reported_ks(n: int) -> list[int]:
+    """The k of pass@k and maj@k reported for n samples per problem: 1, 2, 4, ... up to n, and n itself."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+RANKABLE_METRICS = ("accuracy", "answer_accuracy", "format_rate", "accuracy_completed")
+"""Metrics where higher is better that training.keep_best may rank by, besides pass@k, maj@k and accuracy_by/."""
 
 
 SET_KEYS = ("data", "num_samples", "n", "temperature", "top_p", "max_tokens", "stop", "breakdown_fields")
@@ -368,9 +379,19 @@ class Config:
         self.evaluation.validate("evaluation")
         self.wandb.validate("wandb")
         best = self.training.keep_best
-        names = [s.name for s in self.evaluation.eval_sets()]
-        if best is not None and best.set is not None and best.set not in names:
-            raise ConfigError(f"training.keep_best.set: no evaluation set {best.set!r}; the sets: {', '.join(names)}")
+        sets = {s.name: s for s in self.evaluation.eval_sets()}
+        if best is not None and best.set is not None and best.set not in sets:
+            raise ConfigError(f"training.keep_best.set: no evaluation set {best.set!r}; the sets: {', '.join(sets)}")
+        if best is not None:
+            n = sets[self.best_set()].n
+            k = re.fullmatch(r"(?:pass|maj)@(\d+)", best.metric)
+            known = best.metric in RANKABLE_METRICS or best.metric.startswith("accuracy_by/")
+            if not (known or (k and int(k.group(1)) in reported_ks(n))):
+                choices = ", ".join([*RANKABLE_METRICS, *(f"pass@{k}" for k in reported_ks(n))])
+                raise ConfigError(
+                    f"training.keep_best.metric: {best.metric!r} is not reported for set {self.best_set()!r} "
+                    f"(n={n}); rank by one of {choices}, maj@k, or accuracy_by/<field>/<value>"
+                )
 
     def best_set(self) -> str:
         """The evaluation set that ranks checkpoints for training.keep_best."""

@@ -775,16 +775,12 @@ def unpublish_old_checkpoints(
     layout.leases_dir.mkdir(parents=True, exist_ok=True)
     ready = ready_weights_ids(layout.checkpoints_dir)
     candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
-    if not candidates:
+    if not candidates:  # nothing to delete: only the link to point
+        with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
+            point_best(layout, ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else [])
         return RetentionResult([], {}, {})
     # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-        kept_for: dict[int, str] = {}
-        if best is not None:
-            ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric)
-            point_best(layout, ranked)
-            for value, step in ranked[: best.k]:
-                kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})"
         presences = live_presences(layout)
         backfill = dict(eval_backfill)
         attached = set()
@@ -794,11 +790,21 @@ def unpublish_old_checkpoints(
                 backfill[record["eval_name"]] = backfill.get(record["eval_name"], False) or bool(record.get("backfill"))
         leased = {s for record in presences.values() for s in record.get("steps", [])}
         names = sorted(set(backfill) | attached | {ledger.path.parent.name for ledger in iter_ledgers(layout)})
+        if best is not None:
+            names = sorted(set(names) | {best.eval_name})
         ledgers = [Ledger(layout.eval_dir(name)) for name in names]
         for ledger in ledgers:
             ledger.path.parent.mkdir(parents=True, exist_ok=True)
         with _all_locked([ledger.lock for ledger in ledgers]):
             entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers)}
+            kept_for: dict[int, str] = {}
+            # Ranked under the ledger locks: a result being recorded is either complete (ranked) or its step is
+            # still a live claim (kept below), never half-seen.
+            ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
+            point_best(layout, ranked)
+            for value, step in ranked[: best.k] if best else []:
+                if step in candidates:
+                    kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})"
             for step in candidates:
                 if step in kept_for:
                     continue
@@ -859,9 +865,12 @@ def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str
 
 
 def point_best(layout: RunLayout, ranked: list[tuple[float, int]]) -> int | None:
-    """Make runs/<run>/best link to the best step (a symlink replaced by rename: readers see old or new)."""
+    """Make runs/<run>/best link to the best step (a symlink replaced by rename: readers see old or new);
+    remove it when nothing ranks."""
     link = layout.best_path
-    if not ranked:
+    if not ranked:  # nothing evaluated holds the weights it names (or keep_best is off): no stale link
+        if link.is_symlink():
+            link.unlink()
         return None
     step = ranked[0][1]
     target = Path("checkpoints") / step_dirname(step)

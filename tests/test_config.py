@@ -64,11 +64,35 @@ def test_unknown_top_level_key(tmp_path):
         ("training:\n  gpus: [0, 0]\n", r"training.gpus: must be a non-empty list of distinct GPU indices"),
         ("wandb:\n  mode: loud\n", r"wandb.mode: must be one of"),
         ("model: 3\n", r"model: expected a mapping of settings, got 3"),
+        ("evaluation:\n  sets: {a: {nn: 3}}\n", r"unknown key 'evaluation.sets.a.nn'; did you mean 'n'\?"),
+        ("evaluation:\n  sets: {a: {n: 4, temperature: 0}}\n", r"evaluation.sets.a.n: 4 samples at temperature 0"),
+        ("evaluation:\n  sets: {wandb: {}}\n", r"a set name must be a plain folder name, not wandb"),
+        ("evaluation:\n  sets: {a: {data: {pat: x}}}\n", r"unknown key 'evaluation.sets.a.data.pat'"),
+        ("training:\n  keep_best: {set: b}\n", r"training.keep_best.set: no evaluation set 'b'; the sets: main"),
+        (
+            "training:\n  keep_best: {metric: pass@8}\nevaluation:\n  n: 4\n  temperature: 1\n",
+            r"training.keep_best.metric: 'pass@8' is not reported for set 'main' \(n=4\); rank by one of .*pass@4",
+        ),
+        ("training:\n  keep_best: {metric: mean_response_tokens}\n", r"'mean_response_tokens' is not reported"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_sets_take_what_they_leave_out_from_the_evaluation_section(tmp_path):
+    cfg = load_config(
+        write(
+            tmp_path,
+            "evaluation:\n  temperature: 0.6\n  max_tokens: 99\n  data: {path: a.jsonl, format: math}\n"
+            "  sets:\n    x: {n: 4}\n    y: {data: {path: b.jsonl}, temperature: 1.0, num_samples: null}\n",
+        )
+    )
+    x, y = cfg.evaluation.eval_sets()
+    assert (x.name, x.n, x.temperature, x.max_tokens, x.data.path, x.num_samples) == ("x", 4, 0.6, 99, "a.jsonl", 100)
+    assert (y.n, y.temperature, y.data.path, y.data.format, y.num_samples) == (1, 1.0, "b.jsonl", "math", None)
+    assert [s.name for s in load_config(write(tmp_path, "run_name: r\n")).evaluation.eval_sets()] == ["main"]
 
 
 def test_overrides_are_typed_and_validated(tmp_path):

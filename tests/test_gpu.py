@@ -107,7 +107,6 @@ def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gp
         "evaluation.gpu_memory_utilization=0.3",
         env_extra={
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         },
     )
     assert "vLLM's engine in a child process failed (did not start within 8s)" in proc.stdout

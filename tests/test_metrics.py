@@ -7,12 +7,13 @@ import math
 
 import pytest
 
+from shared.config import reported_ks
+
 from evaluator.grader import extract_answer, vote_key
 from evaluator.metrics import (
     breakdown_fields,
     changes,
     failure_kind,
-    k_values,
     majority_at_k,
     pass_at_k,
     set_metrics,
@@ -30,9 +31,9 @@ def test_pass_at_k_is_the_unbiased_estimator():
                 assert math.isclose(pass_at_k(n, c, k), brute, abs_tol=1e-12), (n, c, k)
 
 
-def test_k_values():
-    assert k_values(1) == [1] and k_values(4) == [1, 2, 4] and k_values(6) == [1, 2, 4, 6]
-    assert k_values(16) == [1, 2, 4, 8, 16]
+def test_reported_ks():
+    assert reported_ks(1) == [1] and reported_ks(4) == [1, 2, 4] and reported_ks(6) == [1, 2, 4, 6]
+    assert reported_ks(16) == [1, 2, 4, 8, 16]
 
 
 def test_majority_votes_by_normalised_answer_and_splits_ties():

@@ -401,3 +401,28 @@ def test_torch_save_through_the_hashing_file_hashes_what_is_on_disk(tmp_path):
         torch.save(state, hasher)
     assert hasher.finish() == protocol.chunk_digests([path], chunk_bytes=1 << 20)[0]
     assert torch.load(path, weights_only=True)["state"][19999]["step"] == 19999
+
+
+def test_best_ranks_only_results_of_the_weights_on_disk_and_the_link_follows(layout):
+    from shared.protocol import BestRule, update_best
+
+    for step in (2, 4, 6):
+        make_checkpoint(layout, step, payload=bytes([step]) * 100)
+
+    def result(step, accuracy, weights=None):
+        weights = weights or weights_id(read_manifest(layout.checkpoint_dir(step)))
+        path = layout.result_path("default", step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"weights_id": weights, "sets": {"s": {"metrics": {"accuracy": accuracy}}}}))
+
+    assert update_best(layout, "default", "s", "accuracy") is None and not layout.best_path.is_symlink()
+    result(2, 0.9, weights="other weights")  # a result about weights no longer in step 2's folder: not ranked
+    result(4, 0.5)
+    result(6, 0.7)
+    assert update_best(layout, "default", "s", "accuracy") == 6
+    assert layout.best_path.resolve() == layout.checkpoint_dir(6).resolve()
+    outcome = unpublish_old_checkpoints(layout, 1, {}, BestRule("default", "s", "accuracy", 1))
+    assert outcome.deleted == [2, 4] and outcome.kept_for == {}  # 6: the newest and the best, kept anyway
+    # keep_best turned off: no link to a step retention no longer protects
+    unpublish_old_checkpoints(layout, 1, {})
+    assert not layout.best_path.is_symlink()

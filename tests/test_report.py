@@ -198,3 +198,19 @@ def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_proble
     assert tables["eval/math/samples"]["eval/math/samples/ncols"] == 9
     assert tables["eval/math/flips"]["eval/math/flips/nrows"] == 2  # problem 2 learned, problem 1 forgotten
     assert all(row["train_step"] == 200 for row in tables.values())
+
+
+def test_flips_are_counted_only_against_the_same_problems_and_samples(evaluated_run, capsys):
+    from evaluator.service import previous_samples
+
+    eval_dir = RunLayout(evaluated_run).eval_dir("default")
+    now = {"set": "math", "step": 300, "problems_id": None, "sampling": {"n": 1}}  # the fixture's have no id
+    step, samples = previous_samples(eval_dir, now)
+    assert step == 200 and [s["problem"] for s in samples] == [0, 1, 2, 3]
+    assert previous_samples(eval_dir, {**now, "problems_id": "another data set"}) is None
+    assert previous_samples(eval_dir, {**now, "sampling": {"n": 4}}) is None
+    (eval_dir / "math" / "step_00000200.samples.jsonl").write_text('{"problem": 0}\n{not json\n')
+    assert previous_samples(eval_dir, now)[0] == 100  # the damaged file is named and passed over
+    out = capsys.readouterr().out
+    assert "step_00000200.json: not used to count learned/forgotten problems" in out
+    assert "step_00000200.samples.jsonl:2: not valid JSON" in out
