@@ -109,7 +109,8 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     steps = [r["step"] for r in results]
     print(
         f"\nreport: {page}\nfigure: {png}\nrun:    {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)\n"
-        f"what changed between two checkpoints: python -m evaluator.report {layout.run_dir} --diff {steps[0]} {steps[-1]}"
+        "what changed between two checkpoints: "
+        f"python -m evaluator.report {layout.run_dir} --diff {steps[0]} {steps[-1]}"
     )
     return layout, results
 

@@ -351,7 +351,8 @@ def write_html(
             if c.get("vs_step") is not None and (c.get("learned") or c.get("forgotten")):
                 flips.append(
                     f"<li>{html.escape(name)} step {c['vs_step']} &rarr; {r['step']}: learned {c['learned']}, "
-                    f"forgotten {c['forgotten']} <code>python -m evaluator.report {html.escape(str(eval_dir.parent.parent))}"
+                    f"forgotten {c['forgotten']} <code>python -m evaluator.report "
+                    f"{html.escape(str(eval_dir.parent.parent))}"
                     f" --name {html.escape(eval_dir.name)} --diff {c['vs_step']} {r['step']} --set {html.escape(name)}"
                     "</code></li>"
                 )
