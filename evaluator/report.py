@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, result_sets
-from shared.protocol import RunLayout, parse_step, step_dirname
+from shared.protocol import RunLayout, result_steps, samples_file
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
@@ -28,18 +28,16 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
     steps: each result records them against the nearest earlier step evaluated before it, which is another
     step when evaluations ran out of order (newest first, back-fill)."""
     results = []
-    for path in sorted(eval_dir.glob("step_*.json")):
-        if parse_step(path.stem) is not None:
-            try:
-                results.append(json.loads(path.read_text()))
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a readable result ({exc})") from None
-    results.sort(key=lambda r: r["step"])
+    for path in result_steps(eval_dir).values():
+        try:
+            results.append(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a readable result ({exc})") from None
     for name in set_names(results):
         previous = None
         for r in results:
             set_result = result_sets(r).get(name)
-            path = eval_dir / name / f"{step_dirname(r['step'])}.samples.jsonl"
+            path = samples_file(eval_dir, name, r["step"])
             if set_result is None or not path.is_file():
                 continue
             samples = read_samples(path)
@@ -120,7 +118,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def read_set_samples(eval_dir: Path, set_name: str, step: int) -> list[dict[str, Any]]:
-    path = eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
+    path = samples_file(eval_dir, set_name, step)
     if not path.is_file():
         raise ValueError(f"{path}: no samples of set {set_name!r} at step {step} (evaluated steps: see the table)")
     return read_samples(path)

@@ -38,7 +38,9 @@ from shared.protocol import (
     parse_step,
     read_manifest,
     ready_weights_ids,
-    step_dirname,
+    result_file,
+    result_steps,
+    samples_file,
     update_best,
     verify_checkpoint,
     weights_id,
@@ -123,22 +125,18 @@ def previous_samples(eval_dir: Path, set_result: dict[str, Any]) -> tuple[int, l
     """(step, samples) of the nearest earlier step of this set with results on disk for the same problems
     and n, if any. A samples file that cannot be read is named in a warning and passed over."""
     name, step = set_result["set"], set_result["step"]
-    earlier = sorted(
-        (other, path)
-        for path in (eval_dir / name).glob("step_*.json")
-        if (other := parse_step(path.stem)) is not None and other < step
-    )
+    earlier = [(other, path) for other, path in result_steps(eval_dir, name).items() if other < step]
     for other, path in reversed(earlier):
         try:
             before = json.loads(path.read_text())
-            whole = json.loads((eval_dir / path.name).read_text())  # written last: the set's files are complete
+            whole = json.loads(result_file(eval_dir, other).read_text())  # written last: the set's files are complete
             if (
                 before.get("problems_id") != set_result["problems_id"]
                 or before["sampling"]["n"] != set_result["sampling"]["n"]
                 or before.get("weights_id") != whole.get("weights_id")
             ):
                 continue
-            return other, read_samples(path.with_name(f"{path.stem}.samples.jsonl"))
+            return other, read_samples(samples_file(eval_dir, name, other))
         except FileNotFoundError:
             continue  # the step's own result file is not there: a recording that did not finish
         except (ValueError, KeyError) as exc:
@@ -340,17 +338,16 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def write_result(eval_dir: Path, result: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> Path:
     """Per set its samples, then its result; the step's result file last: it implies all the others exist."""
-    name = f"{step_dirname(result['step'])}"
+    step = result["step"]
     for set_name, set_samples in samples.items():
-        set_dir = eval_dir / set_name
-        set_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / set_name).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
-            set_dir / f"{name}.samples.jsonl", "".join(json.dumps(s) + "\n" for s in set_samples).encode()
+            samples_file(eval_dir, set_name, step), "".join(json.dumps(s) + "\n" for s in set_samples).encode()
         )
         set_result = {k: result[k] for k in ("checkpoint", "weights_id", "eval_name", "time")}
-        atomic_write_json(set_dir / f"{name}.json", {**result["sets"][set_name], **set_result})
-    atomic_write_json(eval_dir / f"{name}.json", result)
-    return eval_dir / f"{name}.json"
+        atomic_write_json(result_file(eval_dir, step, set_name), {**result["sets"][set_name], **set_result})
+    atomic_write_json(result_file(eval_dir, step), result)
+    return result_file(eval_dir, step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,7 +455,7 @@ def _relog_unlogged(layout: RunLayout, ledger: Ledger, evaluator: Evaluator) -> 
     taken = ledger.update(take)
     in_wandb = evaluator.tracker.logged_rows() if taken and evaluator.tracker is not None else None
     for step in taken:
-        result = json.loads((ledger.path.parent / f"{step_dirname(step)}.json").read_text())
+        result = json.loads(result_file(ledger.path.parent, step).read_text())
         if in_wandb is not None and any(
             row.get("train_step") == step and row.get("eval/weights_id") == result["weights_id"] for row in in_wandb
         ):
@@ -655,7 +652,7 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
     ledger = Ledger(out_dir)
     try:
         claimed, why_not = claim_step(ledger, step, weights, alive=_alive_fn(run, evaluator), force=force)
-        result_path = out_dir / f"{step_dirname(step)}.json"
+        result_path = result_file(out_dir, step)
         if not claimed and why_not == "already evaluated":
             print(f"already evaluated: {result_path} (same weights {weights}; use --force to evaluate again)")
             print(summary_line(json.loads(result_path.read_text())))

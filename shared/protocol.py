@@ -145,10 +145,26 @@ class RunLayout:
         return self.run_dir / "eval" / name
 
     def result_path(self, eval_name: str, step: int) -> Path:
-        return self.eval_dir(eval_name) / f"{step_dirname(step)}.json"
+        return result_file(self.eval_dir(eval_name), step)
 
-    def samples_path(self, eval_name: str, step: int) -> Path:
-        return self.eval_dir(eval_name) / f"{step_dirname(step)}.samples.jsonl"
+
+# Result files of an evaluation folder (a run's eval/<name>/, or --out's): the layout above.
+
+
+def result_file(eval_dir: Path, step: int, set_name: str | None = None) -> Path:
+    """step_N.json, every set's metrics; with `set_name`, <set>/step_N.json, that set's."""
+    return (eval_dir / set_name if set_name else eval_dir) / f"{step_dirname(step)}.json"
+
+
+def samples_file(eval_dir: Path, set_name: str, step: int) -> Path:
+    return eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
+
+
+def result_steps(eval_dir: Path, set_name: str | None = None) -> dict[int, Path]:
+    """{step: its result file} of the steps with one (every set's, or `set_name`'s), in step order."""
+    folder = eval_dir / set_name if set_name else eval_dir
+    found = {parse_step(path.stem): path for path in folder.glob("step_*.json")}
+    return {step: found[step] for step in sorted(s for s in found if s is not None)}
 
 
 # --------------------------------------------------------------------------------------
