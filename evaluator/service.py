@@ -23,6 +23,7 @@ from shared.config import Config, EvalSetConfig
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import (
     READY,
+    BestRule,
     TMP_PREFIX,
     CheckpointInvalid,
     ClaimLost,
@@ -595,16 +596,16 @@ def _evaluate_claimed(
 
 def _point_best(cfg: Config, layout: RunLayout) -> None:
     """With training.keep_best, runs/<run>/best follows the results as they come (not only the trainer's saves)."""
-    best = cfg.training.keep_best
+    best = BestRule.of(cfg)
     if best is None:
         return
     try:
-        step = update_best(layout, cfg.evaluation.name, cfg.best_set(), best.metric)
+        step = update_best(layout, best)
     except Exception as exc:  # noqa: BLE001 - a pointer must not stop the evaluation service
         print(f"warning: could not update {layout.best_path}: {type(exc).__name__}: {exc}")
         return
     if step is not None:
-        print(f"best: step {step} by {cfg.best_set()} {best.metric} ({layout.best_path})")
+        print(f"best: step {step} by {best.set_name} {best.metric} ({layout.best_path})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,9 +54,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 READY = "READY"
 TMP_PREFIX = ".tmp_"
@@ -775,6 +778,12 @@ class BestRule:
     metric: str
     k: int
 
+    @classmethod
+    def of(cls, cfg: Config) -> BestRule | None:
+        """The config's training.keep_best, resolved (its evaluation, its set); None when off."""
+        best = cfg.training.keep_best
+        return cls(cfg.evaluation.name, cfg.best_set(), best.metric, best.k) if best else None
+
 
 def unpublish_old_checkpoints(
     layout: RunLayout, keep_last: int, eval_backfill: dict[str, bool], best: BestRule | None = None
@@ -783,7 +792,7 @@ def unpublish_old_checkpoints(
     holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
     or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
     {eval name: backfill} from the trainer's config; a live watcher's own setting counts too), and the
-    `best` rule's k best steps (the `best` link is pointed anew). Deleted steps an evaluation never saw
+    `best` rule's k best steps (the `best` link is pointed anew, see rank_and_point). Deleted steps an evaluation never saw
     are recorded `deleted` in its ledger. The caller removes the folders.
 
     All of it happens under the leases lock and every ledger's lock (taken in name order, the only
@@ -793,7 +802,7 @@ def unpublish_old_checkpoints(
     candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
     if not candidates:  # nothing to delete: only the link to point
         with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-            point_best(layout, ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else [])
+            rank_and_point(layout, best)
         return RetentionResult([], {}, {})
     # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
@@ -816,8 +825,7 @@ def unpublish_old_checkpoints(
             kept_for: dict[int, str] = {}
             # Ranked under the ledger locks: a result being recorded is either complete (ranked) or its step is
             # still a live claim (kept below), never half-seen.
-            ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
-            point_best(layout, ranked)
+            ranked = rank_and_point(layout, best)
             for value, step in ranked[: best.k] if best else []:
                 if step in candidates:
                     kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})"
@@ -880,30 +888,31 @@ def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str
     return sorted(ranked, reverse=True)
 
 
-def point_best(layout: RunLayout, ranked: list[tuple[float, int]]) -> int | None:
-    """Make runs/<run>/best link to the best step (a symlink replaced by rename: readers see old or new);
-    remove it when nothing ranks."""
+def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[tuple[float, int]]:
+    """Rank the published steps by `best` and make runs/<run>/best link to the first (a symlink replaced by
+    rename: readers see old or new); no link when nothing ranks or keep_best is off. The caller holds the
+    leases lock (retention also every ledger's), so two callers never interleave. Returns the ranking."""
+    ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
     link = layout.best_path
     if not ranked:  # nothing evaluated holds the weights it names (or keep_best is off): no stale link
         if link.is_symlink():
             link.unlink()
-        return None
-    step = ranked[0][1]
-    target = Path("checkpoints") / step_dirname(step)
-    if link.is_symlink() and Path(os.readlink(link)) == target:
-        return step
-    tmp = link.with_name(f"{TMP_PREFIX}best-{uuid.uuid4().hex[:8]}")
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    return step
+        return ranked
+    target = Path("checkpoints") / step_dirname(ranked[0][1])
+    if not (link.is_symlink() and Path(os.readlink(link)) == target):
+        tmp = link.with_name(f"{TMP_PREFIX}best-{uuid.uuid4().hex[:8]}")
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return ranked
 
 
-def update_best(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> int | None:
-    """The evaluator's call after recording a result: point `best` anew, under the leases lock that
-    retention holds, so the two never interleave."""
+def update_best(layout: RunLayout, best: BestRule) -> int | None:
+    """The evaluator's call after recording a result: point `best` anew, under the leases lock. Returns the
+    best step, if any."""
     layout.leases_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-        return point_best(layout, ranked_results(layout, eval_name, set_name, metric))
+        ranked = rank_and_point(layout, best)
+    return ranked[0][1] if ranked else None
 
 
 class _all_locked:

@@ -415,13 +415,14 @@ def test_best_ranks_only_results_of_the_weights_on_disk_and_the_link_follows(lay
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"weights_id": weights, "sets": {"s": {"metrics": {"accuracy": accuracy}}}}))
 
-    assert update_best(layout, "default", "s", "accuracy") is None and not layout.best_path.is_symlink()
+    rule = BestRule("default", "s", "accuracy", 1)
+    assert update_best(layout, rule) is None and not layout.best_path.is_symlink()
     result(2, 0.9, weights="other weights")  # a result about weights no longer in step 2's folder: not ranked
     result(4, 0.5)
     result(6, 0.7)
-    assert update_best(layout, "default", "s", "accuracy") == 6
+    assert update_best(layout, rule) == 6
     assert layout.best_path.resolve() == layout.checkpoint_dir(6).resolve()
-    outcome = unpublish_old_checkpoints(layout, 1, {}, BestRule("default", "s", "accuracy", 1))
+    outcome = unpublish_old_checkpoints(layout, 1, {}, rule)
     assert outcome.deleted == [2, 4] and outcome.kept_for == {}  # 6: the newest and the best, kept anyway
     # keep_best turned off: no link to a step retention no longer protects
     unpublish_old_checkpoints(layout, 1, {})

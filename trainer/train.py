@@ -90,11 +90,6 @@ def resolve_model_path(cfg: Config, layout: RunLayout, template: str, train: lis
     return str(layout.base_model_dir)
 
 
-def best_rule(cfg: Config) -> BestRule | None:
-    best = cfg.training.keep_best
-    return BestRule(cfg.evaluation.name, cfg.best_set(), best.metric, best.k) if best else None
-
-
 def peak_bf16_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of known accelerators, for MFU; None where unknown (and on CPU)."""
     if device.type != "cuda":
@@ -319,7 +314,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         d,
         eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
         master_weights=master.params if master else None,
-        keep_best=best_rule(cfg),
+        keep_best=BestRule.of(cfg),
     )
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     attention = "varlen flash" if varlen else "sdpa"
