@@ -105,7 +105,7 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     results = load_results(layout.eval_dir(cfg.evaluation.name))
     print()
     print(format_table(results))
-    png, page = write_report(layout.run_dir, cfg.evaluation.name)
+    png, page = write_report(layout.run_dir, cfg.evaluation.name, results)
     steps = [r["step"] for r in results]
     print(
         f"\nreport: {page}\nfigure: {png}\nrun:    {layout.run_dir}   (demo took {time.perf_counter() - t0:.0f}s)\n"

@@ -380,13 +380,12 @@ code {{ font-size: 11px; }}
     return out
 
 
-def write_report(run_dir: Path, eval_name: str) -> tuple[Path, Path]:
-    """report.png and report.html in the evaluation's folder."""
+def write_report(run_dir: Path, eval_name: str, results: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """report.png and report.html in the evaluation's folder, from its `load_results`."""
     import matplotlib
 
     matplotlib.use("Agg")
     eval_dir = RunLayout(run_dir).eval_dir(eval_name)
-    results = load_results(eval_dir)
     if not results:
         raise ValueError(f"{eval_dir}: no evaluation results yet")
     panels = _panels(results, load_train_log(run_dir))
@@ -424,7 +423,7 @@ def main() -> int:
             raise SystemExit(f"error: {exc}") from None
         return 0
     print(format_table(results))
-    png, page = write_report(run_dir, args.name)
+    png, page = write_report(run_dir, args.name, results)
     print(f"report: {page}\nfigure: {png}")
     return 0
 
