@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,19 @@ class EvalSet:
     cfg: EvalSetConfig
     examples: list[Example]
     prompts: list[str]
-    breakdown: list[str]
 
     @property
     def name(self) -> str:
         return self.cfg.name
 
+    @cached_property
     def fields_by_problem(self) -> dict[int, dict[str, Any]]:
         return {ex.index: ex.fields for ex in self.examples}
+
+    @cached_property
+    def breakdown(self) -> list[str]:
+        """The fields accuracy is broken down by: the set's choice, else those with few distinct values."""
+        return breakdown_fields(self.fields_by_problem, self.cfg.breakdown_fields)
 
 
 def load_eval_sets(cfg: Config) -> list[EvalSet]:
@@ -105,15 +111,7 @@ def load_eval_sets(cfg: Config) -> list[EvalSet]:
     sets = []
     for set_cfg in cfg.evaluation.eval_sets():
         examples = seeded_subset(load_dataset(set_cfg.data), set_cfg.num_samples, cfg.evaluation.seed)
-        fields = {ex.index: ex.fields for ex in examples}
-        sets.append(
-            EvalSet(
-                set_cfg,
-                examples,
-                [render_prompt(template, ex) for ex in examples],
-                breakdown_fields(fields, set_cfg.breakdown_fields),
-            )
-        )
+        sets.append(EvalSet(set_cfg, examples, [render_prompt(template, ex) for ex in examples]))
     return sets
 
 
@@ -269,7 +267,7 @@ class Evaluator:
                 "stop": sc.stop,
                 "seed": seed,
             },
-            "metrics": set_metrics(samples, sc.n, eval_set.fields_by_problem(), eval_set.breakdown),
+            "metrics": set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown),
             "timings_s": {"generation": generate_s, "grading": grade_s},
             "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
         }
@@ -565,11 +563,7 @@ def _evaluate_claimed(
     ckpt_dir = layout.checkpoint_dir(step)
     try:
         with presence.lease(step):  # taken before verifying: retention can no longer delete it
-            t0 = time.perf_counter()
-            manifest = verify_checkpoint(ckpt_dir, model_only=True)
-            verify_s = time.perf_counter() - t0
-            if weights_id(manifest) != weights:
-                raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
+            verify_s = _verify_claimed(ckpt_dir, weights)
             result, samples = evaluator.evaluate(step, ckpt_dir, weights, ledger.path.parent)
             result["timings_s"]["verify"] = verify_s
     except (Stop, KeyboardInterrupt):
@@ -592,6 +586,15 @@ def _evaluate_claimed(
     print(summary_line(result))
     _point_best(evaluator.cfg, layout)
     return True
+
+
+def _verify_claimed(ckpt_dir: Path, weights: str | None) -> float:
+    """Check a claimed checkpoint's model files against its manifest, and that the manifest is still the one
+    claimed (the weights `weights`); seconds taken. CheckpointInvalid otherwise."""
+    t0 = time.perf_counter()
+    if weights_id(verify_checkpoint(ckpt_dir, model_only=True)) != weights:
+        raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
+    return time.perf_counter() - t0
 
 
 def _point_best(cfg: Config, layout: RunLayout) -> None:
@@ -662,8 +665,8 @@ def evaluate_folder(cfg: Config, ckpt_dir: Path, evaluator: Evaluator, out_dir: 
             raise CheckpointInvalid(why_not)
         try:
             with presence.lease(step) if presence else nullcontext():  # before verifying: retention keeps it
-                if published and weights_id(verify_checkpoint(ckpt_dir, model_only=True)) != weights:
-                    raise CheckpointInvalid(f"{ckpt_dir}: its manifest changed after it was claimed")
+                if published:
+                    _verify_claimed(ckpt_dir, weights)
                 result, samples = evaluator.evaluate(step, ckpt_dir, weights, out_dir)
         except (Stop, KeyboardInterrupt):
             give_back(ledger, step, evaluator.owner_id)
