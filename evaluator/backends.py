@@ -18,6 +18,7 @@ from typing import Callable
 
 from shared.config import EvalSetConfig, EvaluationConfig
 from shared.hf_models import tied_weight_names
+from shared.protocol import proc_stat
 
 SUPPORTED_VLLM = ("0.26.",)
 """vLLM versions whose in-place reload (collective_rpc reload_weights) this code was checked with."""
@@ -380,18 +381,13 @@ class ChildDeadline:
 
 
 def child_pids() -> list[int]:
-    """Processes whose parent is this one (Linux /proc)."""
-    me, pids = os.getpid(), []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me:
-                pids.append(int(entry.name))
-    return pids
+    """Processes whose parent is this one (Linux /proc; field 4 of stat is the parent's pid)."""
+    me = str(os.getpid())
+    return [
+        int(entry.name)
+        for entry in os.scandir("/proc")
+        if entry.name.isdigit() and (fields := proc_stat(entry.name)) is not None and fields[1] == me
+    ]
 
 
 def vllm_available() -> bool:

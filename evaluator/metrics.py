@@ -17,13 +17,13 @@ Definitions (the same for every set, backend and n):
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
 from shared.config import reported_ks
+from shared.data import jsonl_records
 
 FAILURE_KINDS = ("truncated", "format", "grader_timeout", "grader_error", "no_answer", "wrong")
 """Why a sample is wrong, first match in this order: cut at max_tokens; no or broken r1_zero format;
@@ -66,15 +66,8 @@ def majority_at_k(votes: list[str | None], rewards: list[float], k: int) -> floa
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    """A samples file (JSON lines); ValueError naming the file and line when one is not JSON."""
-    samples = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                samples.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-    return samples
+    """A samples file (JSON lines); DataError (a ValueError) naming the file and line when one is not JSON."""
+    return [record for _, record in jsonl_records(path)]
 
 
 def by_problem(samples: Iterable[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

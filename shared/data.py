@@ -194,7 +194,8 @@ def _to_examples(records: Iterable[tuple[str, Any]], fmt: str, limit: int | None
     return examples
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) of each non-blank line; DataError naming file:line and column for one that is not JSON."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             text = line.rstrip("\r\n")  # the line ending is not part of the record: columns count within the line
@@ -211,7 +212,7 @@ def read_jsonl(path: Path, fmt: str = "auto", limit: int | None = None) -> list[
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    return _to_examples(_jsonl_records(path), fmt, limit, str(path))
+    return _to_examples(jsonl_records(path), fmt, limit, str(path))
 
 
 def _read_hf(name: str, split: str, fmt: str, limit: int | None) -> list[Example]:

@@ -485,12 +485,18 @@ def _read_first_line(path: str) -> str | None:
         return None
 
 
-def _process_start_ticks(pid: int) -> str | None:
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3, the state, first); None if gone."""
     try:
-        # Field 22 of /proc/<pid>/stat is the start time; it tells a reused pid from the original.
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _process_start_ticks(pid: int) -> str | None:
+    # Field 22 of /proc/<pid>/stat is the start time; it tells a reused pid from the original.
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def _pid_namespace() -> str | None:
