@@ -192,15 +192,16 @@ def _read_safetensors(ckpt_dir: Path):
 
 
 class VLLMBackend:
-    """One persistent vLLM engine in this process; new checkpoints are reloaded into it in place."""
+    """One persistent vLLM engine (its core in a child process by default); new checkpoints are reloaded into it
+    in place."""
 
     name = "vllm"
 
     def __init__(self, cfg: EvaluationConfig, trust_remote_code: bool, num_gpus: int):
-        # The engine core runs in a child process unless the user chose otherwise (measured faster on H100:
-        # 0.93x raw generate against 0.84x in-process); FlashInfer's sampler is not always installed.
-        # vLLM reads this variable when an engine is built, and only an in-process engine caches it.
-        # The config decides (the GPU kit's install script exports 0 as its own default).
+        # evaluation.vllm_engine_process decides where the engine core runs (a child process was measured faster
+        # on H100: 0.93x raw generate against 0.84x in-process), over the environment (the GPU kit's install
+        # script exports 0). vLLM reads the variable when an engine is built; only an in-process engine caches it.
+        # FlashInfer's sampler is not always installed.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.vllm_engine_process == "child" else "0"
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         # Children are spawned, never forked: this process has threads (heartbeat, watcher, grader pipes), and a
