@@ -43,7 +43,7 @@ def main() -> int:
     if gpus >= 2:
         from demo.__main__ import run_demo
         from evaluator.metrics import result_sets
-        from shared.tracking import read_wandb_history
+        from shared.tracking import read_wandb_rows
 
         layout, results = run_demo(args.config, [])
         loads = [r["load"] for r in results]
@@ -61,7 +61,7 @@ def main() -> int:
         acc = [result_sets(r)[first]["metrics"]["accuracy"] for r in results]
         checks.append(("accuracy rises", acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc)))
         eval_dir = layout.eval_dir("default")
-        rows = [row for path in (eval_dir / "wandb").rglob("*.wandb") for row in read_wandb_history(path)]
+        rows = read_wandb_rows(eval_dir / "wandb")
         logged = {row["train_step"] for row in rows if any(k.startswith(f"eval/{first}/pass@") for k in row)}
         checks.append(("W&B offline files: pass@k of every step", logged == set(steps), f"{sorted(logged)}"))
         a, b = samples_after_restart(args.config, layout.run_dir, steps[-1])

@@ -97,7 +97,7 @@ class Tracker:
         if self.run is None:
             return None
         try:
-            return [row for path in sorted(self.wandb_dir.rglob("*.wandb")) for row in read_wandb_history(path)]
+            return read_wandb_rows(self.wandb_dir)
         except Exception:  # noqa: BLE001 - an unknown format: the caller falls back to logging again
             return None
 
@@ -117,6 +117,11 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def read_wandb_rows(wandb_dir: Path) -> list[dict[str, Any]]:
+    """History rows of every W&B run under `wandb_dir` (each restart's run directory), file by file."""
+    return [row for path in sorted(Path(wandb_dir).rglob("*.wandb")) for row in read_wandb_history(path)]
 
 
 def read_wandb_history(path: Path) -> list[dict[str, Any]]:

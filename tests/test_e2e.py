@@ -104,14 +104,9 @@ def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_ru
 
 def wandb_history_steps(root: Path) -> list[int]:
     """train_step of every evaluation row in the W&B offline files under `root`."""
-    from shared.tracking import read_wandb_history
+    from shared.tracking import read_wandb_rows
 
-    return [
-        row["train_step"]
-        for path in root.rglob("*.wandb")
-        for row in read_wandb_history(path)
-        if "eval/main/accuracy" in row
-    ]
+    return [row["train_step"] for row in read_wandb_rows(root) if "eval/main/accuracy" in row]
 
 
 def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
@@ -147,15 +142,11 @@ def test_evaluator_sigkill_and_restart_while_training(tmp_path, make_config):
     logged = [json.loads(line)["train_step"] for line in (eval_dir / "eval_log.jsonl").read_text().splitlines()]
     assert sorted(logged) == [0, 2, 4, 6, 8]
     assert sorted(wandb_history_steps(eval_dir / "wandb")) == [0, 2, 4, 6, 8]
-    from shared.tracking import read_wandb_history
+    from shared.tracking import read_wandb_rows
 
     # a table of sample generations (prompt, response, reference answer, rewards, failure kind) per step
-    tables = [
-        row
-        for path in (eval_dir / "wandb").rglob("*.wandb")
-        for row in read_wandb_history(path)
-        if row.get("eval/main/samples/_type") == "table-file"
-    ]
+    rows = read_wandb_rows(eval_dir / "wandb")
+    tables = [row for row in rows if row.get("eval/main/samples/_type") == "table-file"]
     assert tables and {row["train_step"] for row in tables} <= {0, 2, 4, 6, 8}
     assert all(row["eval/main/samples/nrows"] == 8 and row["eval/main/samples/ncols"] == 9 for row in tables)
 

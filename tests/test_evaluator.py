@@ -488,7 +488,7 @@ def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_
     The next evaluator finds the row in W&B's own files and marks it, instead of logging it again."""
     from conftest import REPO  # noqa: F401 - the services run from the repository
     from shared.protocol import Ledger
-    from shared.tracking import read_wandb_history
+    from shared.tracking import read_wandb_rows
 
     cfg = make_config({"wandb": {"mode": "offline"}})
     run_service("evaluator", "--config", cfg, "--run", run_copy, "--once", env_extra={"WANDB_SILENT": "true"})
@@ -496,10 +496,7 @@ def test_a_crash_after_wandb_wrote_the_row_does_not_log_it_twice(run_copy, make_
 
     def rows_of_step(step):
         return [
-            r
-            for p in (eval_dir / "wandb").rglob("*.wandb")
-            for r in read_wandb_history(p)
-            if r.get("train_step") == step and "eval/main/accuracy" in r
+            r for r in read_wandb_rows(eval_dir / "wandb") if r.get("train_step") == step and "eval/main/accuracy" in r
         ]
 
     assert len(rows_of_step(4)) == 1

@@ -174,7 +174,7 @@ def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_proble
     """The evaluator's W&B logging, into real offline W&B files, read back from them."""
     from evaluator.service import Evaluator
     from shared.config import load_config
-    from shared.tracking import Tracker, read_wandb_history
+    from shared.tracking import Tracker, read_wandb_rows
 
     cfg = load_config(make_config({"wandb": {"mode": "offline"}, "evaluation": {"num_logged_samples": 3}}), [])
     eval_dir = RunLayout(evaluated_run).eval_dir("default")
@@ -189,7 +189,7 @@ def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_proble
     finally:
         evaluator.grader.close()
         tracker.finish()
-    rows = [row for path in (tmp_path / "wb" / "wandb").rglob("*.wandb") for row in read_wandb_history(path)]
+    rows = read_wandb_rows(tmp_path / "wb" / "wandb")
     metrics = next(row for row in rows if "eval/math/accuracy" in row)
     assert metrics["train_step"] == 200 and metrics["eval/math/learned"] == 1
     assert "eval/math/failure_rate/wrong" in metrics
