@@ -73,8 +73,15 @@ def throughput(work: Path, num_prompts: int) -> None:
         outs = backend.llm.generate(token_prompts, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
 
+    def raw_same_requests() -> float:
+        """Text prompts and the evaluator's own SamplingParams (seeds, stop string, detokenization), without it."""
+        t0 = time.perf_counter()
+        outs = backend.llm.generate(prompts, backend.sampling_params(seeds, sampling), use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+
     raw_rate = raw(seeded=False)
     raw_seeded_rate = raw(seeded=True)
+    raw_same_rate = raw_same_requests()
     t0 = time.perf_counter()
     gens = backend.generate(prompts, seeds, sampling)  # per-request seeds, as the evaluator samples
     ours_rate = sum(g.num_tokens for g in gens) / (time.perf_counter() - t0)
@@ -87,7 +94,9 @@ def throughput(work: Path, num_prompts: int) -> None:
         evaluator_tokens_per_s=round(ours_rate),
         raw_vllm_tokens_per_s=round(raw_rate),
         raw_vllm_seeded_tokens_per_s=round(raw_seeded_rate),
+        raw_vllm_same_requests_tokens_per_s=round(raw_same_rate),
         ratio=round(ours_rate / raw_rate, 3),
+        ratio_to_same_requests=round(ours_rate / raw_same_rate, 3),
         seeded_cost=round(1 - raw_seeded_rate / raw_rate, 3),
         # the first 64 requests again, alone: same seeds, another batch around them
         identical_when_batched_otherwise=sum(a.text == b.text for a, b in zip(again, gens)) / len(again),

@@ -23,7 +23,8 @@ from pathlib import Path
 from bench.common import digits_sft_jsonl, make_qwen15_dir, report, run, write_config
 
 REAL_STEPS = 25
-"""Optimizer steps with real lengths: 5 of warm-up, then 20 timed (the baseline times 20 after 3)."""
+"""Optimizer steps with real lengths: 5 of warm-up, then 20 timed (the baseline times 20 after 3). The run goes on
+for 5 more, so that the final checkpoint's save falls outside the timed steps."""
 
 
 def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: int) -> tuple[Path, list[int]]:
@@ -111,7 +112,7 @@ def main() -> None:
             "gpus": list(range(args.gpus)),
             "publish_step0": False,  # the timed steps and the stall saves only, as before step 0 existed
             "data": {"path": str(data), "format": "sft"},
-            "max_steps": 80 if stall else REAL_STEPS if args.lengths else 25,
+            "max_steps": 80 if stall else REAL_STEPS + 5 if args.lengths else 25,
             "batch_size": 8 * args.gpus,
             "micro_batch_size": 8,
             "max_seq_len": 1024 if args.lengths else 1025,
@@ -134,15 +135,16 @@ def main() -> None:
     if args.lengths:
         timed = [rows[s] for s in range(10, REAL_STEPS + 1, 5)]  # steps 6-25
         seconds = sum(r["train/step_s"] * 5 for r in timed)
-        steps = [lengths[i * 8 : (i + 1) * 8] for i in range(5, REAL_STEPS)]
-        useful = sum(map(sum, steps))
+        # each GPU's 8 examples of each timed step
+        passes = [lengths[i * 8 : (i + 1) * 8] for i in range(5 * args.gpus, REAL_STEPS * args.gpus)]
+        useful = sum(map(sum, passes))
         packed = bool(deep_merge(settings, parse_sets(args.set))["training"]["micro_batch_tokens"])
-        computed = (
-            useful if packed else sum(8 * max(step) for step in steps)
-        )  # padded: every row as long as the longest
+        computed = useful if packed else sum(8 * max(p) for p in passes)  # padded: every row as long as the longest
         report(
             "train_real_lengths",
+            gpus=args.gpus,
             useful_tokens_per_s=round(useful / seconds),
+            useful_tokens_per_s_per_gpu=round(useful / seconds / args.gpus),
             step_s=round(seconds / 20, 4),
             mfu_useful=round(statistics.mean(r.get("train/mfu", 0) for r in timed), 3),
             pad_fraction=round(1 - useful / computed, 3),

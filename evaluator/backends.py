@@ -299,20 +299,8 @@ class VLLMBackend:
         submitted together give the same samples whatever the engine ran before (a restarted evaluator does
         that). Another batch around them changes the bf16 logits slightly, so long samples can then differ
         (BENCHMARKS.md). Seeds cost 6 % of raw generation in vLLM 0.26 (measured on H100)."""
-        params = [
-            self.vllm.SamplingParams(
-                n=1,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                stop=sampling.stop or None,
-                include_stop_str_in_output=True,
-                seed=seed if sampling.temperature > 0 else None,
-            )
-            for seed in seeds
-        ]
         try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, self.sampling_params(seeds, sampling), use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
             self.close()  # the next checkpoint starts a fresh engine
             raise EngineError(
@@ -326,6 +314,21 @@ class VLLMBackend:
             text, _ = cut_at_stop(c.text, sampling.stop)
             results.append(Generation(text, len(c.token_ids), truncated=c.finish_reason == "length"))
         return results
+
+    def sampling_params(self, seeds: list[int], sampling: EvalSetConfig) -> list:
+        """vLLM's SamplingParams of each request `generate` submits."""
+        return [
+            self.vllm.SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=sampling.stop or None,
+                include_stop_str_in_output=True,
+                seed=seed if sampling.temperature > 0 else None,
+            )
+            for seed in seeds
+        ]
 
     def fingerprint(self, prompt: str) -> list[float]:
         tok = self.llm.get_tokenizer()

@@ -66,6 +66,56 @@ def test_two_processes_match_one_with_the_same_global_batch(trained_run, sharded
         assert (a[name] - b[name]).abs().max() < 1e-4, name
 
 
+def rows_per_rank(run_dir, micro_batch_tokens, nproc=2):
+    """For each step of a finished tiny run, how many packed rows each rank's own examples make."""
+    from transformers import AutoTokenizer
+
+    from shared.config import load_config
+    from shared.data import load_dataset, load_prompt_template, render_prompt
+    from trainer.packing import group_by_budget, tokenize_examples
+    from trainer.train import DataOrder
+
+    tc = load_config(run_dir / "config.yaml").training
+    template = load_prompt_template(str(REPO / "prompts" / "r1_zero.prompt"))
+    train, tokenizer = load_dataset(tc.data), AutoTokenizer.from_pretrained(run_dir / "base_model")
+    order, per_rank = DataOrder(len(train), tc.seed), tc.batch_size // nproc
+    counts = []
+    for step in range(tc.max_steps):
+        counts.append([])
+        for rank in range(nproc):
+            first = step * tc.batch_size + rank * per_rank
+            batch = [train[order[p]] for p in range(first, first + per_rank)]
+            examples = tokenize_examples(
+                [render_prompt(template, ex) for ex in batch], [ex.response for ex in batch], tokenizer, tc.max_seq_len
+            )
+            counts[-1].append(len(group_by_budget([len(ids) - 1 for ids, _ in examples], micro_batch_tokens)))
+    return counts
+
+
+def test_two_processes_packed_match_one_padded_when_ranks_pack_into_different_numbers_of_rows(trained_run, tmp_path):
+    """FSDP pairs the ranks' passes up: a rank whose examples make fewer packed rows runs filler rows, which add
+    nothing. The losses, gradient norms and weights stay those of one process."""
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {**TINY, "runs_dir": str(tmp_path / "runs"), "training": {**TINY["training"], "micro_batch_tokens": 160}}
+        )
+    )
+    torchrun(cfg)
+    packed = tmp_path / "runs" / "tiny"
+    assert any(len(set(step)) > 1 for step in rows_per_rank(packed, 160))  # the filler rows were needed
+    one, two = losses(trained_run), losses(packed)
+    assert sorted(two) == sorted(one)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    a = load_file(RunLayout(trained_run).checkpoint_dir(6) / "model.safetensors")
+    b = load_file(RunLayout(packed).checkpoint_dir(6) / "model.safetensors")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
+
+
 def test_sharded_checkpoint_layout(sharded_run):
     ckpt = RunLayout(sharded_run).checkpoint_dir(6)
     manifest = verify_checkpoint(ckpt)

@@ -26,6 +26,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    cpu_group: Any = None
+    """A gloo group for numbers the host already has (stop flag, token counts): reducing them never waits for
+    the GPU, so the host keeps queueing work ahead of it. None: the default group (gloo already on the CPU)."""
 
     @property
     def enabled(self) -> bool:
@@ -44,26 +47,36 @@ def init_distributed() -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, local_rank)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return Dist(dist.get_rank(), world, local_rank, cpu_group)
 
 
-def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """FSDP2: one unit per decoder layer plus the root. Parameters stay fp32 (the optimizer's master
-    copy); compute runs in `compute_dtype`, gradients are reduced in fp32."""
+def shard_model(
+    root: torch.nn.Module, layers: list[torch.nn.Module], compute_dtype: torch.dtype, reshard_after_forward: bool
+) -> None:
+    """FSDP2: one unit per decoder layer, and `root` (holding the other parameters) around them. Parameters stay
+    fp32 (the optimizer's master copy); compute runs in `compute_dtype`, gradients are reduced in fp32.
+    The last layer always keeps its gathered parameters after the forward: its backward comes right after."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for i, layer in enumerate(layers):
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    fully_shard(root, mp_policy=policy)
 
 
-def all_reduce_sum(value: float | torch.Tensor, d: Dist, device: torch.device) -> float:
+def all_reduce(value: float | torch.Tensor, d: Dist, op: str = "sum") -> float:
+    """The sum (or max) of `value` over ranks. A host number goes through the gloo group and does not wait for the
+    GPU; a GPU tensor goes through NCCL, and reading the result waits for the GPU."""
     if not d.enabled:
         return float(value)
-    t = torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device).clone()
-    dist.all_reduce(t)
+    on_gpu = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+    t = value.detach().clone() if on_gpu else torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(
+        t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=None if on_gpu else d.cpu_group
+    )
     return float(t)
 
 
@@ -144,8 +157,8 @@ class StopFlag:
 
     FORCE_AFTER_S = 3.0
 
-    def __init__(self, d: Dist, device: torch.device):
-        self.d, self.device = d, device
+    def __init__(self, d: Dist):
+        self.d = d
         self.requested_at: float | None = None
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -157,9 +170,4 @@ class StopFlag:
         self.requested_at = self.requested_at or now
 
     def should_stop(self) -> bool:
-        requested = self.requested_at is not None
-        if not self.d.enabled:
-            return requested
-        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return all_reduce(1.0 if self.requested_at is not None else 0.0, self.d, op="max") > 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.sft import get_response_log_probs
+
 DEFAULT_CHUNK_ROWS = 2048
 """Rows of logits alive at once: 2048 x 151,936 float32 = 1.2 GB."""
 
@@ -139,3 +141,32 @@ def supports_chunked_head(model) -> bool:
         and getattr(model.config, "final_logit_softcapping", None) is None
         and getattr(model.config, "logit_scale", None) in (None, 1, 1.0)
     )
+
+
+class ResponseLogProbs(torch.nn.Module):
+    """A causal LM with its SFT head: `forward` gives {log_probs, token_entropy?} of the labels, through the
+    chunked head where the model has a plain linear one (`supports_chunked_head`), else through its own logits.
+
+    One module around the model so that FSDP2 can make it the root unit: the root's pre-forward hook gathers
+    the parameters outside the decoder layers (embedding, final norm, LM head) before the decoder runs, and its
+    post-backward reduces their gradients. The chunked head calls `model.model` and reads `lm_head.weight`
+    itself, which would bypass those hooks if the model were the root."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.chunked = supports_chunked_head(model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        response_mask: torch.Tensor,
+        with_entropy: bool = False,
+        **model_kwargs,
+    ) -> dict[str, torch.Tensor]:
+        if self.chunked:
+            return response_log_probs(
+                self.model, input_ids, labels, response_mask, with_entropy=with_entropy, **model_kwargs
+            )
+        return get_response_log_probs(self.model, input_ids, labels, return_token_entropy=with_entropy, **model_kwargs)

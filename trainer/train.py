@@ -33,7 +33,7 @@ from shared.protocol import (
 from shared.tracking import Tracker
 from trainer.checkpoint import AsyncCheckpointer, load_trainer_state, read_trainer_meta, restore_rng
 from trainer.distributed import (
-    all_reduce_sum,
+    all_reduce,
     full_tensor,
     from_main,
     init_distributed,
@@ -43,7 +43,7 @@ from trainer.distributed import (
     StopFlag,
 )
 from trainer.embedded import save_embedded_model
-from trainer.logprobs import response_log_probs, supports_chunked_head
+from trainer.logprobs import ResponseLogProbs
 from trainer.master import MasterWeights
 from trainer.packing import (
     group_by_budget,
@@ -52,7 +52,7 @@ from trainer.packing import (
     tokenize_examples,
     use_packed_attention,
 )
-from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
+from trainer.sft import sft_microbatch_train_step, tokenize_prompt_and_output
 
 
 def lr_at(step: int, cfg) -> float:
@@ -146,14 +146,22 @@ def check_resume(cfg: Config, layout: RunLayout, checkpoint: Path, log) -> int:
     return step
 
 
-def make_micro_batches(prompts: list[str], responses: list[str], tokenizer, tc, d, device) -> tuple[list[dict], int]:
+def make_micro_batches(
+    prompts: list[str], responses: list[str], tokenizer, tc, d, pad_id: int
+) -> tuple[list[dict], int]:
     """This rank's examples of one step as forward passes, and the gradient accumulation divisor: packed rows of
     whole examples up to micro_batch_tokens (divisor 1: the loss is normalised over the global batch's response
-    tokens), or padded micro-batches of micro_batch_size examples (the reference recipe)."""
+    tokens), or padded micro-batches of micro_batch_size examples (the reference recipe).
+    With several ranks every rank runs the same number of passes (FSDP's collectives pair them up): a rank whose
+    examples pack into fewer rows adds rows of one padding token with no response token, which add nothing to
+    the loss or the gradients."""
     if tc.micro_batch_tokens:
         examples = tokenize_examples(prompts, responses, tokenizer, tc.max_seq_len)
         groups = group_by_budget([len(ids) - 1 for ids, _ in examples], tc.micro_batch_tokens)
-        return [packed_microbatch([examples[i] for i in group]) for group in groups], 1
+        rows = [packed_microbatch([examples[i] for i in group]) for group in groups]
+        for _ in range(int(all_reduce(len(rows), d, op="max")) - len(rows)):
+            rows.append({**packed_microbatch([([pad_id, pad_id], 2)]), "filler": True})
+        return rows, 1
     micro = [
         tokenize_prompt_and_output(
             prompts[i : i + tc.micro_batch_size],
@@ -196,6 +204,8 @@ def profile_if_asked(d):
 
 def num_real_tokens(mb: dict, pad_id: int) -> int:
     """Tokens that are not padding in a micro-batch (inputs plus each row's last label)."""
+    if mb.get("filler"):
+        return 0
     if "cu_seq_lens" in mb:
         return mb["labels"].numel() + len(mb["cu_seq_lens"]) - 1
     return int((mb["labels"] != pad_id).sum()) + len(mb["labels"])
@@ -221,14 +231,12 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     tc = cfg.training
 
     # ---------------------------------------------------------------- setup (nothing written yet)
-    if tc.batch_size % (tc.micro_batch_size * d.world):
+    if tc.micro_batch_tokens and tc.batch_size % d.world:
+        raise ConfigError(f"training.batch_size ({tc.batch_size}) must be a multiple of the {d.world} processes")
+    if not tc.micro_batch_tokens and tc.batch_size % (tc.micro_batch_size * d.world):
         raise ConfigError(
             f"training.batch_size ({tc.batch_size}) must be a multiple of training.micro_batch_size "
             f"({tc.micro_batch_size}) x {d.world} processes"
-        )
-    if tc.micro_batch_tokens and d.enabled:  # ranks would run different numbers of passes, and FSDP needs them equal
-        raise ConfigError(
-            "training.micro_batch_tokens (packing) is for one process so far; set it to null with several GPUs"
         )
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = {
@@ -277,9 +285,11 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     varlen = use_packed_attention(model, device) if tc.micro_batch_tokens else False
     if tc.compile or (tc.compile is None and device.type == "cuda"):
         for layer in model.model.layers:
-            layer.compile(dynamic=True)
+            # The forward alone: FSDP's hooks around it stay eager (compiling `layer` would trace them too).
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+    head = ResponseLogProbs(model)  # the LM head in chunks, only at response tokens, where the model allows
     if d.enabled:
-        shard_model(model, dtype)
+        shard_model(head, model.model.layers, dtype, tc.fsdp_reshard_after_forward)
     # One process in bf16: the optimizer updates fp32 masters (sharded training has fp32 parameters already).
     master = MasterWeights(model) if tc.master_weights and not d.enabled and param_dtype != torch.float32 else None
     trained = master.params if master else list(model.parameters())  # what the optimizer and clipping see
@@ -288,10 +298,8 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         lr=tc.learning_rate,
         betas=tuple(tc.adam_betas),
         weight_decay=tc.weight_decay,
-        fused=device.type == "cuda" and not d.enabled,
+        fused=device.type == "cuda",
     )
-    # The LM head applied in chunks, only at response tokens (one process: FSDP must run the whole model).
-    chunked_head = not d.enabled and supports_chunked_head(model)
     if resume_from:
         state = load_trainer_state(resume_from, d)
         if d.enabled:
@@ -325,11 +333,12 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     )
     log(
         f"model {model_path}: {num_params / 1e6:.2f}M parameters, {dtype}{' (fp32 master weights)' if master else ''}, "
-        f"{device} x {d.world}; {len(train_set)} training examples; {batching}"
+        f"{device} x {d.world}; {len(train_set)} training examples; {batching}; "
+        + ("the LM head in chunks at response tokens" if head.chunked else "the model's own logits")
     )
 
     # Ctrl-C or SIGTERM (on any rank): every rank stops after the same step, finishes the pending save, exits 0.
-    stop = StopFlag(d, device)
+    stop = StopFlag(d)
 
     # ---------------------------------------------------------------- loop
     step = start_step
@@ -359,9 +368,9 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             first = step * tc.batch_size + d.rank * local_batch
             batch = [train_set[order[p]] for p in range(first, first + local_batch)]
             prompts, responses = [render_prompt(template, ex) for ex in batch], [ex.response for ex in batch]
-            micro, grad_accum_steps = make_micro_batches(prompts, responses, tokenizer, tc, d, device)
+            micro, grad_accum_steps = make_micro_batches(prompts, responses, tokenizer, tc, d, pad_id)
             # Per-token mean over the whole global batch: normalize by response tokens per example (or per rank).
-            num_response_tokens = all_reduce_sum(sum(int(m["response_mask"].sum()) for m in micro), d, device)
+            num_response_tokens = all_reduce(sum(int(m["response_mask"].sum()) for m in micro), d)
             normalize = max(1, num_response_tokens) / (d.world if tc.micro_batch_tokens else tc.batch_size)
             interval_tokens += sum(num_real_tokens(m, pad_id) for m in micro)
             log_now = (step + 1) % tc.log_every == 0
@@ -369,14 +378,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             for mb in micro:
                 forward = packed_forward_kwargs(mb, device, varlen) if tc.micro_batch_tokens else {}
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if isinstance(v, torch.Tensor)}
-                if chunked_head:
-                    out = response_log_probs(
-                        model, mb["input_ids"], mb["labels"], mb["response_mask"], with_entropy=log_now, **forward
-                    )
-                else:
-                    out = get_response_log_probs(
-                        model, mb["input_ids"], mb["labels"], return_token_entropy=log_now, **forward
-                    )
+                out = head(mb["input_ids"], mb["labels"], mb["response_mask"], with_entropy=log_now, **forward)
                 loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], grad_accum_steps, normalize)
                 loss_sum += loss.detach()
                 if log_now:
@@ -411,9 +413,9 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                     )
             if log_now or metrics:
                 # Global figures (sums over ranks); this waits for the device: only on logging steps.
-                loss_value = all_reduce_sum(loss_sum, d, device) / d.world
+                loss_value = all_reduce(loss_sum, d) / d.world
                 elapsed = time.perf_counter() - interval_t0
-                tokens_per_s = all_reduce_sum(interval_tokens, d, device) / elapsed
+                tokens_per_s = all_reduce(interval_tokens, d) / elapsed
                 grad_norm = float(full_tensor(grad_norm))
                 metrics.update(
                     {
@@ -426,11 +428,9 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                     }
                 )
                 if log_now:
-                    metrics["train/response_entropy"] = all_reduce_sum(entropy_sum, d, device) / max(
-                        1, num_response_tokens
-                    )
+                    metrics["train/response_entropy"] = all_reduce(entropy_sum, d) / max(1, num_response_tokens)
                 if peak_flops:
-                    metrics["train/mfu"] = flops_per_token * tokens_per_s / peak_flops
+                    metrics["train/mfu"] = flops_per_token * tokens_per_s / (peak_flops * d.world)  # per GPU
                     metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 if tracker:
                     tracker.log(metrics)
