@@ -479,10 +479,12 @@ class _Worker:
 
 
 class GraderPool:
-    """Worker processes that grade in parallel; results in input order. A worker that overruns its
-    bound (stuck in C code) is killed and replaced, and that case counts as a timeout. A worker that
-    dies while grading is replaced and the case retried once (the second death counts it as an error);
-    workers that cannot start raise GraderError: a grading failure is never a zero reward."""
+    """Worker processes that grade in parallel; results in input order.
+
+    A case whose worker dies (out of memory, killed) or overruns its bound (stuck in C code, or starved of CPU)
+    is retried once on a fresh worker: a passing trouble of the machine never costs a reward. Only a case that
+    loses its worker twice is graded wrong, and marked 'error' or 'timeout' (the evaluator counts these per set
+    as grader_errors / grader_timeouts and prints a warning). Workers that cannot start raise GraderError."""
 
     KILL_GRACE_S = 1.0
 
@@ -506,7 +508,7 @@ class GraderPool:
     def _grade(self, responses, ground_truths, progress):
         results: list[dict[str, float] | None] = [None] * len(responses)
         problems: list[str | None] = [None] * len(responses)
-        todo, deaths = [], defaultdict(int)
+        todo, lost = [], defaultdict(int)  # lost: how often a case's worker died or overran under it
         for i, r in enumerate(responses):
             if extract_answer(r) is None:  # badly formatted: no need to leave this process
                 results[i] = dict(_ZERO)
@@ -522,6 +524,14 @@ class GraderPool:
             self._workers[slot].task = None
             if progress:
                 progress(1)
+
+        def lose(slot: int, index: int, problem: str) -> None:
+            """The case's worker is gone (and replaced): retry the case once, then count it as `problem`."""
+            lost[index] += 1
+            if lost[index] >= 2:
+                finish(slot, index, None, problem)
+            else:
+                todo.append(index)
 
         while todo or any(w.task for w in self._workers):
             for w in self._workers:
@@ -546,11 +556,7 @@ class GraderPool:
                     index = w.task[0] if w.task else None
                     self._replace(slot)
                     if index is not None:
-                        deaths[index] += 1
-                        if deaths[index] >= 2:  # the case itself kills workers: an error for this case only
-                            finish(slot, index, None, "error")
-                        else:
-                            todo.append(index)
+                        lose(slot, index, "error")
                     continue
                 if message == ("ready",):
                     w.ready = True
@@ -561,7 +567,7 @@ class GraderPool:
                 if w.task and now > w.task[1]:
                     index = w.task[0]
                     self._replace(slot)
-                    finish(slot, index, None, "timeout")
+                    lose(slot, index, "timeout")
                 elif not w.ready and now > w.start_deadline:
                     raise GraderError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f}s")
         return results, problems

@@ -49,7 +49,10 @@ def failure_kind(
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c right) is right."""
+    """Probability that at least one of k samples drawn without replacement from n (c right) is right.
+    Defined for k <= n only: with fewer samples than k, "at least one of k" cannot be estimated."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n and 0 <= c <= n (n={n}, c={c})")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
@@ -98,6 +101,11 @@ def set_metrics(
     samples: list[dict[str, Any]], n: int, fields_by_problem: dict[int, dict[str, Any]], breakdown: list[str]
 ) -> dict[str, Any]:
     groups = by_problem(samples)
+    # Every problem has exactly samples 0..n-1: with fewer, pass@k and maj@k would be computed on what is there
+    # (pass@4 of three wrong samples would read 1.0).
+    for problem, group in groups.items():
+        if [s["sample"] for s in group] != list(range(n)):
+            raise ValueError(f"problem {problem}: samples {[s['sample'] for s in group]}, expected 0..{n - 1} (n={n})")
     num = len(samples)
     rewards = [s["reward"] for s in samples]
     formatted = [s["reward"] for s in samples if s["format_reward"] == 1.0]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, result_sets
-from shared.protocol import RunLayout, result_steps, samples_file
+from shared.protocol import RunLayout, comparable_as, result_steps, samples_file
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
@@ -34,19 +34,23 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
         except ValueError as exc:
             raise ValueError(f"{path}: not a readable result ({exc})") from None
     for name in set_names(results):
-        previous = None
+        previous = None  # (step, samples, comparable_as) of the set's line above
         for r in results:
             set_result = result_sets(r).get(name)
-            path = samples_file(eval_dir, name, r["step"])
-            if set_result is None or not path.is_file():
+            if set_result is None:
                 continue
-            samples = read_samples(path)
-            same = (set_result.get("problems_id"), set_result["sampling"].get("n"))
-            if previous is not None and previous[2] == same:
+            # The stored counts may be against another step (the evaluator's order): never shown as they are.
+            set_result["changes"] = {"vs_step": None, "learned": [], "forgotten": []}
+            for key in ("learned", "forgotten"):
+                set_result["metrics"].pop(key, None)
+            path = samples_file(eval_dir, name, r["step"])
+            samples = read_samples(path) if path.is_file() else None
+            key = comparable_as(set_result)
+            if samples is not None and previous is not None and previous[2] == key:
                 flips = changes(previous[1], samples)
                 set_result["changes"] = {"vs_step": previous[0], **flips}
                 set_result["metrics"].update(learned=len(flips["learned"]), forgotten=len(flips["forgotten"]))
-            previous = (r["step"], samples, same)
+            previous = (r["step"], samples, key) if samples is not None else None
     return results
 
 
@@ -55,7 +59,9 @@ def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "train/loss" in r]
+    # After a resume the log holds the steps past the checkpoint twice: the later run's rows are the ones kept.
+    by_step = {r["train_step"]: r for r in rows if "train/loss" in r}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def set_names(results: list[dict[str, Any]]) -> list[str]:

@@ -34,6 +34,7 @@ from shared.protocol import (
     Status,
     atomic_write_bytes,
     atomic_write_json,
+    comparable_as,
     current_owner,
     folder_weights_id,
     owner_alive,
@@ -122,17 +123,16 @@ def problems_id(examples: list[Example]) -> str:
 
 def previous_samples(eval_dir: Path, set_result: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
     """(step, samples) of the nearest earlier step of this set with results on disk for the same problems
-    and n, if any. A samples file that cannot be read is named in a warning and passed over."""
+    and sampling (`comparable_as`), if any. A samples file that cannot be read is named in a warning and
+    passed over."""
     name, step = set_result["set"], set_result["step"]
     earlier = [(other, path) for other, path in result_steps(eval_dir, name).items() if other < step]
     for other, path in reversed(earlier):
         try:
             before = json.loads(path.read_text())
             whole = json.loads(result_file(eval_dir, other).read_text())  # written last: the set's files are complete
-            if (
-                before.get("problems_id") != set_result["problems_id"]
-                or before["sampling"]["n"] != set_result["sampling"]["n"]
-                or before.get("weights_id") != whole.get("weights_id")
+            if comparable_as(before) != comparable_as(set_result) or before.get("weights_id") != whole.get(
+                "weights_id"
             ):
                 continue
             return other, read_samples(samples_file(eval_dir, name, other))
@@ -234,7 +234,7 @@ class Evaluator:
         grade_s = time.perf_counter() - t0
 
         samples = []
-        for (ex, prompt, j), g, r, problem in zip(requests, generations, rewards, problems):
+        for (ex, prompt, j), g, r, problem in zip(requests, generations, rewards, problems, strict=True):
             answer = extract_answer(g.text)
             vote = vote_key(answer) if answer is not None else None
             samples.append(
@@ -253,6 +253,13 @@ class Evaluator:
                     "grader": problem,
                 }
             )
+        metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown)
+        if metrics["grader_timeouts"] or metrics["grader_errors"]:
+            print(
+                f"warning: step {step}, set {sc.name}: {metrics['grader_timeouts']} timeouts and "
+                f"{metrics['grader_errors']} errors of the grader (each case lost its worker twice) in "
+                f"{len(samples)} samples; they count as wrong (failure kinds grader_timeout, grader_error)"
+            )
         generated_tokens = sum(g.num_tokens for g in generations)
         set_result = {
             "step": step,
@@ -267,7 +274,7 @@ class Evaluator:
                 "stop": sc.stop,
                 "seed": seed,
             },
-            "metrics": set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown),
+            "metrics": metrics,
             "timings_s": {"generation": generate_s, "grading": grade_s},
             "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
         }
@@ -289,6 +296,8 @@ class Evaluator:
         row.update({f"eval/time_{k}_s": v for k, v in result["timings_s"].items()})
         for name, set_result in result["sets"].items():
             row.update({f"eval/{name}/{k}": v for k, v in set_result["metrics"].items() if v is not None})
+            if set_result["changes"]["vs_step"] is not None:  # learned/forgotten are counted since that step
+                row[f"eval/{name}/changes_vs_step"] = set_result["changes"]["vs_step"]
         self.tracker.log(row)
         for name, set_samples in (samples or {}).items():
             self._log_tables(result["step"], name, result["sets"][name], set_samples)

@@ -762,7 +762,10 @@ def iter_ledgers(layout: RunLayout) -> Iterator[Ledger]:
 # Retention (the trainer's): which published steps may go, decided under every lock that matters
 
 
-RETENTION_LOCK_TIMEOUT_S = 30.0
+RETENTION_LOCK_TIMEOUT_S = 5.0
+"""How long retention (and pointing `best`) waits for the leases and ledger locks. A live process holds them for
+milliseconds; one frozen inside them (SIGSTOP, a stalled disk) costs the trainer's writer at most this per save,
+and retention is tried again at the next save."""
 
 
 @dataclass(frozen=True)
@@ -879,19 +882,36 @@ def unpublish_old_checkpoints(
     return RetentionResult(deleted, kept_for, unseen_by)
 
 
+COMPARED_SAMPLING = ("n", "temperature", "top_p", "max_tokens", "stop")
+"""Sampling settings two results of a set must share to be compared (the seed aside: it only draws anew)."""
+
+
+def comparable_as(set_result: dict[str, Any]) -> tuple:
+    """What a set's result at one step must share with another step's for the two to be compared (ranked, or
+    counted as learned/forgotten): the same problems (`problems_id`) and the same COMPARED_SAMPLING. After the
+    evaluation config changes (more problems, longer max_tokens), old results measure another test."""
+    sampling = set_result.get("sampling", {})
+    return (set_result.get("problems_id"), *(json.dumps(sampling.get(key)) for key in COMPARED_SAMPLING))
+
+
 def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> list[tuple[float, int]]:
     """(metric value, step) of every published step whose result (for the weights now in its folder) has
-    the metric, best first; a later step first among equals."""
-    ranked = []
+    the metric, best first; a later step first among equals. Only results comparable (`comparable_as`) with
+    the most recently evaluated one rank: steps evaluated under an older evaluation config do not."""
+    found = []
     for step, weights in ready_weights_ids(layout.checkpoints_dir).items():
         try:
             result = json.loads(layout.result_path(eval_name, step).read_text())
-            value = result["sets"][set_name]["metrics"][metric]
+            set_result = result["sets"][set_name]
+            value = set_result["metrics"][metric]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not evaluated (yet), or another evaluation's layout
         if result.get("weights_id") == weights and isinstance(value, (int, float)):
-            ranked.append((float(value), step))
-    return sorted(ranked, reverse=True)
+            found.append((result.get("time", 0.0), comparable_as(set_result), float(value), step))
+    if not found:
+        return []
+    current = max(found)[1]
+    return sorted(((value, step) for _, key, value, step in found if key == current), reverse=True)
 
 
 def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[tuple[float, int]]:

@@ -83,6 +83,9 @@ def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_ru
     )
     try:
         wait_for(lambda: status_of(run, 2) == Status.RUNNING, 60, "evaluation running")
+        # Frozen while generating (SLOW_EVAL), not inside the claim's lock, which it leaves right after writing
+        # RUNNING: a holder frozen inside a lock is test_retention_gives_up_on_a_lock_held_by_a_frozen_process.
+        time.sleep(1.0)
         evaluator.send_signal(signal.SIGSTOP)
         # the run now holds a step the frozen evaluator leases: the trainer resumes from it and trains on, with
         # retention deleting everything else it may (the frozen evaluator's heartbeat is fresh for 60 s)

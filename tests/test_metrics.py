@@ -112,6 +112,18 @@ def test_set_metrics_on_known_samples():
     assert m["accuracy_by/subject/Algebra"] == 2 / 8
 
 
+def test_missing_samples_are_an_error_not_a_pass():
+    """pass@4 of three wrong samples would read 1.0 (C(n-c, k) with n-c < k): a problem short of n samples,
+    or with a sample index twice, is an error naming it."""
+    samples = [*[sample(0, j, 1.0, vote="a") for j in range(4)], *[sample(1, j, 0.0, vote="b") for j in range(3)]]
+    with pytest.raises(ValueError, match=r"problem 1: samples \[0, 1, 2\], expected 0..3"):
+        set_metrics(samples, 4, {}, [])
+    with pytest.raises(ValueError, match="problem 0"):
+        set_metrics([sample(0, 0, 1.0), sample(0, 0, 1.0)], 2, {}, [])
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(3, 0, 4)
+
+
 def test_breakdown_fields_are_chosen_by_their_values():
     fields = {i: {"subject": "AB"[i % 2], "level": i % 5, "unique_id": f"id{i}", "source": "x"} for i in range(20)}
     assert breakdown_fields(fields, None) == ["level", "subject"]  # ids: one per problem; source: one value

@@ -25,6 +25,7 @@ from shared.protocol import (
     list_ready_checkpoints,
     owner_alive,
     publish_checkpoint,
+    ranked_results,
     read_manifest,
     remove_incomplete_checkpoints,
     unpublish_old_checkpoints,
@@ -427,3 +428,63 @@ def test_best_ranks_only_results_of_the_weights_on_disk_and_the_link_follows(lay
     # keep_best turned off: no link to a step retention no longer protects
     unpublish_old_checkpoints(layout, 1, {})
     assert not layout.best_path.is_symlink()
+
+
+def test_best_ranks_only_results_of_the_current_evaluation_config(layout):
+    """Step 2 was evaluated with max_tokens 512 before the config changed to 1024: its 0.9 measures another test
+    and does not rank, until step 2 is evaluated again under the new config."""
+    from shared.protocol import BestRule, update_best
+
+    for step in (2, 4, 6):
+        make_checkpoint(layout, step, payload=bytes([step]) * 100)
+
+    def result(step, accuracy, max_tokens, time):
+        path = layout.result_path("default", step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        set_result = {
+            "problems_id": "p",
+            "sampling": {"n": 1, "max_tokens": max_tokens},
+            "metrics": {"accuracy": accuracy},
+        }
+        weights = weights_id(read_manifest(layout.checkpoint_dir(step)))
+        path.write_text(json.dumps({"weights_id": weights, "time": time, "sets": {"s": set_result}}))
+
+    rule = BestRule("default", "s", "accuracy", 1)
+    result(2, 0.9, 512, time=1.0)
+    result(4, 0.5, 1024, time=2.0)
+    result(6, 0.7, 1024, time=3.0)
+    assert ranked_results(layout, "default", "s", "accuracy") == [(0.7, 6), (0.5, 4)]
+    assert update_best(layout, rule) == 6
+    result(2, 0.8, 1024, time=4.0)
+    assert update_best(layout, rule) == 2
+
+
+def test_retention_gives_up_on_a_lock_held_by_a_frozen_process(layout):
+    """Another process holds the leases lock and never lets go (frozen inside it): retention raises after
+    RETENTION_LOCK_TIMEOUT_S instead of waiting, and deletes nothing (the trainer tries again at the next save)."""
+    from filelock import Timeout
+
+    for step in (2, 4, 6):
+        make_checkpoint(layout, step, payload=bytes([step]) * 100)
+    layout.leases_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire();"
+            " print('held', flush=True); time.sleep(120)",
+            str(layout.leases_dir / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            unpublish_old_checkpoints(layout, 1, {})
+        assert time.monotonic() - t0 < protocol.RETENTION_LOCK_TIMEOUT_S + 2
+        assert sorted(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 4, 6]
+    finally:
+        holder.kill()
+        holder.wait()

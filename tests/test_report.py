@@ -192,6 +192,7 @@ def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_proble
     rows = read_wandb_rows(tmp_path / "wb" / "wandb")
     metrics = next(row for row in rows if "eval/math/accuracy" in row)
     assert metrics["train_step"] == 200 and metrics["eval/math/learned"] == 1
+    assert metrics["eval/math/changes_vs_step"] == 100  # what the learned/forgotten counts are counted against
     assert "eval/math/failure_rate/wrong" in metrics
     tables = {k.rsplit("/", 1)[0]: row for row in rows for k in row if k.endswith("/_type")}
     assert tables["eval/math/samples"]["eval/math/samples/nrows"] == 3
@@ -209,8 +210,33 @@ def test_flips_are_counted_only_against_the_same_problems_and_samples(evaluated_
     assert step == 200 and [s["problem"] for s in samples] == [0, 1, 2, 3]
     assert previous_samples(eval_dir, {**now, "problems_id": "another data set"}) is None
     assert previous_samples(eval_dir, {**now, "sampling": {"n": 4}}) is None
+    assert previous_samples(eval_dir, {**now, "sampling": {"n": 1, "temperature": 0.6}}) is None  # another test
     (eval_dir / "math" / "step_00000200.samples.jsonl").write_text('{"problem": 0}\n{not json\n')
     assert previous_samples(eval_dir, now)[0] == 100  # the damaged file is named and passed over
     out = capsys.readouterr().out
     assert "step_00000200.json: not used to count learned/forgotten problems" in out
     assert "step_00000200.samples.jsonl:2: not valid JSON" in out
+
+
+def test_the_report_counts_flips_only_against_the_line_above_and_drops_stale_counts(evaluated_run):
+    """Step 200's stored counts are against step 100. Without step 100's samples the report cannot count step
+    200 against the line above: it shows no count rather than the stored one."""
+    from evaluator.report import load_results
+
+    eval_dir = RunLayout(evaluated_run).eval_dir("default")
+    (eval_dir / "math" / "step_00000100.samples.jsonl").unlink()
+    by_step = {r["step"]: r["sets"]["math"] for r in load_results(eval_dir)}
+    assert "learned" not in by_step[200]["metrics"] and by_step[200]["changes"]["vs_step"] is None
+    assert "learned" not in by_step[100]["metrics"]
+
+
+def test_the_train_log_of_a_resumed_run_keeps_the_later_rows_once(evaluated_run):
+    """A run stopped at step 200 and resumed from a checkpoint at 150 logs steps 151-200 twice."""
+    from evaluator.report import load_train_log
+
+    again = [{"train_step": s, "train/loss": 9.0, "train/lr": 1e-4} for s in range(151, 231)]
+    with open(evaluated_run / "train_log.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in again))
+    rows = load_train_log(evaluated_run)
+    assert [r["train_step"] for r in rows] == list(range(1, 231))
+    assert rows[149]["train/loss"] == 2.0 / 150 and all(r["train/loss"] == 9.0 for r in rows[150:])
