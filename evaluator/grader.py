@@ -481,10 +481,12 @@ class _Worker:
 class GraderPool:
     """Worker processes that grade in parallel; results in input order.
 
-    A case whose worker dies (out of memory, killed) or overruns its bound (stuck in C code, or starved of CPU)
-    is retried once on a fresh worker: a passing trouble of the machine never costs a reward. Only a case that
-    loses its worker twice is graded wrong, and marked 'error' or 'timeout' (the evaluator counts these per set
-    as grader_errors / grader_timeouts and prints a warning). Workers that cannot start raise GraderError."""
+    A case that runs out of time (the worker's own timer, or the pool's bound for a worker stuck in C code) or
+    whose worker dies (out of memory, killed) is graded once more, on a fresh worker where the old one is gone:
+    a machine starved for a moment does not cost a reward. A second timeout or death grades it wrong, marked
+    'timeout' or 'error', as is a case the grader itself fails on (an exception: no retry, it would fail again).
+    The evaluator counts these per set (grader_timeouts, grader_errors) and prints a warning. Workers that cannot
+    start raise GraderError."""
 
     KILL_GRACE_S = 1.0
 
@@ -526,7 +528,8 @@ class GraderPool:
                 progress(1)
 
         def lose(slot: int, index: int, problem: str) -> None:
-            """The case's worker is gone (and replaced): retry the case once, then count it as `problem`."""
+            """The case timed out or its worker is gone (replaced): retry it once, then count it as `problem`."""
+            self._workers[slot].task = None
             lost[index] += 1
             if lost[index] >= 2:
                 finish(slot, index, None, problem)
@@ -560,6 +563,8 @@ class GraderPool:
                     continue
                 if message == ("ready",):
                     w.ready = True
+                elif message[2] == "timeout":  # the worker's own timer: a slow case, or a starved machine
+                    lose(slot, message[0], "timeout")
                 else:
                     finish(slot, *message)
             now = time.monotonic()

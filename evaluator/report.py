@@ -24,9 +24,10 @@ from shared.protocol import RunLayout, comparable_as, result_steps, samples_file
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
-    """The step result files of an evaluation, by step, with learned/forgotten counted between consecutive
-    steps: each result records them against the nearest earlier step evaluated before it, which is another
-    step when evaluations ran out of order (newest first, back-fill)."""
+    """The step result files of an evaluation, by step, with learned/forgotten counted again against the line
+    above (each result records them against the nearest earlier step evaluated before it, which is another
+    step when evaluations ran out of order: newest first, back-fill). Where the line above has no samples, or
+    other problems or sampling, no counts are shown."""
     results = []
     for path in result_steps(eval_dir).values():
         try:
@@ -58,10 +59,17 @@ def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "train_log.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # After a resume the log holds the steps past the checkpoint twice: the later run's rows are the ones kept.
-    by_step = {r["train_step"]: r for r in rows if "train/loss" in r}
-    return [by_step[step] for step in sorted(by_step)]
+    kept: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "train/loss" not in row:
+            continue
+        # A step at or before the last one kept starts a resumed run: what the abandoned run logged from there on
+        # was trained over again, so only the resumed run's rows stay.
+        while kept and kept[-1]["train_step"] >= row["train_step"]:
+            kept.pop()
+        kept.append(row)
+    return kept
 
 
 def set_names(results: list[dict[str, Any]]) -> list[str]:

@@ -256,9 +256,9 @@ class Evaluator:
         metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown)
         if metrics["grader_timeouts"] or metrics["grader_errors"]:
             print(
-                f"warning: step {step}, set {sc.name}: {metrics['grader_timeouts']} timeouts and "
-                f"{metrics['grader_errors']} errors of the grader (each case lost its worker twice) in "
-                f"{len(samples)} samples; they count as wrong (failure kinds grader_timeout, grader_error)"
+                f"warning: step {step}, set {sc.name}: the grader timed out on {metrics['grader_timeouts']} and "
+                f"failed on {metrics['grader_errors']} of {len(samples)} samples (timeouts after a retry); they "
+                "count as wrong (failure kinds grader_timeout, grader_error)"
             )
         generated_tokens = sum(g.num_tokens for g in generations)
         set_result = {

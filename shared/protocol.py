@@ -801,7 +801,7 @@ def unpublish_old_checkpoints(
     holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
     or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
     {eval name: backfill} from the trainer's config; a live watcher's own setting counts too), and the
-    `best` rule's k best steps (the `best` link is pointed anew, see rank_and_point). Deleted steps an evaluation never saw
+    `best` rule's k best steps of each group of comparable results (the `best` link is pointed anew, see rank_and_point). Deleted steps an evaluation never saw
     are recorded `deleted` in its ledger. The caller removes the folders.
 
     All of it happens under the leases lock and every ledger's lock (taken in name order, the only
@@ -834,10 +834,14 @@ def unpublish_old_checkpoints(
             kept_for: dict[int, str] = {}
             # Ranked under the ledger locks: a result being recorded is either complete (ranked) or its step is
             # still a live claim (kept below), never half-seen.
-            ranked = rank_and_point(layout, best)
-            for value, step in ranked[: best.k] if best else []:
-                if step in candidates:
-                    kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})"
+            # The k best of every group of comparable results: a result under a newer evaluation config does not
+            # unprotect the best steps measured under an older one (only re-evaluating them would compare them).
+            for i, group in enumerate(rank_and_point(layout, best)):
+                for value, step in group[: best.k]:
+                    if step in candidates:
+                        kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})" + (
+                            " under an earlier evaluation config" if i else ""
+                        )
             for step in candidates:
                 if step in kept_for:
                     continue
@@ -894,11 +898,13 @@ def comparable_as(set_result: dict[str, Any]) -> tuple:
     return (set_result.get("problems_id"), *(json.dumps(sampling.get(key)) for key in COMPARED_SAMPLING))
 
 
-def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> list[tuple[float, int]]:
-    """(metric value, step) of every published step whose result (for the weights now in its folder) has
-    the metric, best first; a later step first among equals. Only results comparable (`comparable_as`) with
-    the most recently evaluated one rank: steps evaluated under an older evaluation config do not."""
-    found = []
+def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> list[list[tuple[float, int]]]:
+    """The published steps whose result (for the weights now in their folder) has the metric, in groups of
+    comparable results (`comparable_as`: the same problems and sampling), the group evaluated most recently
+    first; in each group (metric value, step), best first, a later step first among equals. Results under
+    different evaluation configs measure different tests: they are never ranked against each other."""
+    groups: dict[tuple, list[tuple[float, int]]] = {}
+    newest: dict[tuple, tuple[float, int]] = {}
     for step, weights in ready_weights_ids(layout.checkpoints_dir).items():
         try:
             result = json.loads(layout.result_path(eval_name, step).read_text())
@@ -907,29 +913,29 @@ def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not evaluated (yet), or another evaluation's layout
         if result.get("weights_id") == weights and isinstance(value, (int, float)):
-            found.append((result.get("time", 0.0), comparable_as(set_result), float(value), step))
-    if not found:
-        return []
-    current = max(found)[1]
-    return sorted(((value, step) for _, key, value, step in found if key == current), reverse=True)
+            key = comparable_as(set_result)
+            groups.setdefault(key, []).append((float(value), step))
+            newest[key] = max(newest.get(key, (0.0, -1)), (float(result.get("time") or 0.0), step))
+    return [sorted(groups[key], reverse=True) for key in sorted(groups, key=newest.__getitem__, reverse=True)]
 
 
-def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[tuple[float, int]]:
-    """Rank the published steps by `best` and make runs/<run>/best link to the first (a symlink replaced by
-    rename: readers see old or new); no link when nothing ranks or keep_best is off. The caller holds the
-    leases lock (retention also every ledger's), so two callers never interleave. Returns the ranking."""
-    ranked = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
+def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[list[tuple[float, int]]]:
+    """Rank the published steps by `best` (ranked_results) and make runs/<run>/best link to the best of the
+    most recently evaluated group (a symlink replaced by rename: readers see old or new); no link when nothing
+    ranks or keep_best is off. The caller holds the leases lock (retention also every ledger's), so two callers
+    never interleave. Returns the groups."""
+    groups = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
     link = layout.best_path
-    if not ranked:  # nothing evaluated holds the weights it names (or keep_best is off): no stale link
+    if not groups:  # nothing evaluated holds the weights it names (or keep_best is off): no stale link
         if link.is_symlink():
             link.unlink()
-        return ranked
-    target = Path("checkpoints") / step_dirname(ranked[0][1])
+        return groups
+    target = Path("checkpoints") / step_dirname(groups[0][0][1])
     if not (link.is_symlink() and Path(os.readlink(link)) == target):
         tmp = link.with_name(f"{TMP_PREFIX}best-{uuid.uuid4().hex[:8]}")
         os.symlink(target, tmp)
         os.replace(tmp, link)
-    return ranked
+    return groups
 
 
 def update_best(layout: RunLayout, best: BestRule) -> int | None:
@@ -937,8 +943,8 @@ def update_best(layout: RunLayout, best: BestRule) -> int | None:
     best step, if any."""
     layout.leases_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-        ranked = rank_and_point(layout, best)
-    return ranked[0][1] if ranked else None
+        groups = rank_and_point(layout, best)
+    return groups[0][0][1] if groups else None
 
 
 class _all_locked:

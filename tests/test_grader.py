@@ -383,9 +383,9 @@ def test_pool_replaces_a_worker_that_stops_responding_and_retries_its_case():
 
 
 def test_a_case_that_overruns_twice_counts_as_a_timeout():
-    """Every worker is stopped as soon as it takes the case (expanding a polynomial keeps it busy long enough):
-    the case overruns on the first worker and on the retry, and only then is it graded wrong (right otherwise),
-    marked 'timeout'."""
+    """Every worker is stopped as soon as it takes the case (a fresh worker's first sympy case takes ~0.3 s, and
+    the test stops it within a few ms): the case overruns on the first worker and on the retry, and only then is it
+    graded wrong (right otherwise), marked 'timeout'."""
     pool = GraderPool(1, timeout_s=0.5)
     stopped: set[int] = set()
     done = threading.Event()

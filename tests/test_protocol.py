@@ -430,33 +430,35 @@ def test_best_ranks_only_results_of_the_weights_on_disk_and_the_link_follows(lay
     assert not layout.best_path.is_symlink()
 
 
-def test_best_ranks_only_results_of_the_current_evaluation_config(layout):
-    """Step 2 was evaluated with max_tokens 512 before the config changed to 1024: its 0.9 measures another test
-    and does not rank, until step 2 is evaluated again under the new config."""
+def test_best_compares_only_results_of_one_evaluation_config_and_retention_keeps_each_configs_best(layout):
+    """Step 2 was evaluated with max_tokens 512 before the config changed to 1024: its 0.9 measures another test.
+    `best` points within the newest config's results; retention keeps the best of each config (k=1 here) until
+    step 2 is evaluated again under the new one. Equal times (or none, in old results) do not break the order."""
     from shared.protocol import BestRule, update_best
 
-    for step in (2, 4, 6):
+    for step in (2, 4, 6, 8):
         make_checkpoint(layout, step, payload=bytes([step]) * 100)
 
     def result(step, accuracy, max_tokens, time):
         path = layout.result_path("default", step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        set_result = {
-            "problems_id": "p",
-            "sampling": {"n": 1, "max_tokens": max_tokens},
-            "metrics": {"accuracy": accuracy},
-        }
+        sampling = {"n": 1, "max_tokens": max_tokens}
+        set_result = {"problems_id": "p", "sampling": sampling, "metrics": {"accuracy": accuracy}}
         weights = weights_id(read_manifest(layout.checkpoint_dir(step)))
         path.write_text(json.dumps({"weights_id": weights, "time": time, "sets": {"s": set_result}}))
 
     rule = BestRule("default", "s", "accuracy", 1)
     result(2, 0.9, 512, time=1.0)
     result(4, 0.5, 1024, time=2.0)
-    result(6, 0.7, 1024, time=3.0)
-    assert ranked_results(layout, "default", "s", "accuracy") == [(0.7, 6), (0.5, 4)]
+    result(6, 0.7, 1024, time=2.0)
+    assert ranked_results(layout, "default", "s", "accuracy") == [[(0.7, 6), (0.5, 4)], [(0.9, 2)]]
     assert update_best(layout, rule) == 6
-    result(2, 0.8, 1024, time=4.0)
+    outcome = unpublish_old_checkpoints(layout, 1, {}, rule)
+    assert outcome.deleted == [4] and "under an earlier evaluation config" in outcome.kept_for[2]
+    assert 6 in outcome.kept_for and sorted(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 6, 8]
+    result(2, 0.8, 1024, time=3.0)
     assert update_best(layout, rule) == 2
+    assert unpublish_old_checkpoints(layout, 1, {}, rule).deleted == [6]
 
 
 def test_retention_gives_up_on_a_lock_held_by_a_frozen_process(layout):

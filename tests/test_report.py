@@ -227,16 +227,20 @@ def test_the_report_counts_flips_only_against_the_line_above_and_drops_stale_cou
     (eval_dir / "math" / "step_00000100.samples.jsonl").unlink()
     by_step = {r["step"]: r["sets"]["math"] for r in load_results(eval_dir)}
     assert "learned" not in by_step[200]["metrics"] and by_step[200]["changes"]["vs_step"] is None
-    assert "learned" not in by_step[100]["metrics"]
+    # step 100's own samples are gone: its stored counts (2 learned against step 0) are not shown either
+    assert "learned" not in by_step[100]["metrics"] and by_step[100]["changes"]["vs_step"] is None
+    stored = json.loads((eval_dir / "step_00000100.json").read_text())["sets"]["math"]["metrics"]
+    assert stored["learned"] == 2
 
 
-def test_the_train_log_of_a_resumed_run_keeps_the_later_rows_once(evaluated_run):
-    """A run stopped at step 200 and resumed from a checkpoint at 150 logs steps 151-200 twice."""
+def test_the_train_log_of_a_resumed_run_keeps_only_the_resumed_rows(evaluated_run):
+    """A run stopped at step 200 and resumed from a checkpoint at 150, now logging every 10 steps: steps 151-200
+    were trained over again, so the abandoned run's rows from 151 on go, even those the new one does not log."""
     from evaluator.report import load_train_log
 
-    again = [{"train_step": s, "train/loss": 9.0, "train/lr": 1e-4} for s in range(151, 231)]
+    again = [{"train_step": s, "train/loss": 9.0, "train/lr": 1e-4} for s in range(160, 240, 10)]
     with open(evaluated_run / "train_log.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in again))
     rows = load_train_log(evaluated_run)
-    assert [r["train_step"] for r in rows] == list(range(1, 231))
-    assert rows[149]["train/loss"] == 2.0 / 150 and all(r["train/loss"] == 9.0 for r in rows[150:])
+    assert [r["train_step"] for r in rows] == [*range(1, 160), *range(160, 240, 10)]
+    assert rows[158]["train/loss"] == 2.0 / 159 and all(r["train/loss"] == 9.0 for r in rows[159:])

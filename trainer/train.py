@@ -168,14 +168,14 @@ def make_micro_batches(
     whole examples up to micro_batch_tokens (divisor 1: the loss is normalised over the global batch's response
     tokens), or padded micro-batches of micro_batch_size examples (the reference recipe).
     With several ranks every rank runs the same number of passes (FSDP's collectives pair them up): a rank whose
-    examples pack into fewer rows adds rows of one padding token with no response token, which add nothing to
-    the loss or the gradients."""
+    examples pack into fewer rows adds rows of two padding tokens with no response token, which add nothing to
+    the loss or the gradients (two, not one: a length of 1 would make torch.compile specialise a new graph)."""
     if tc.micro_batch_tokens:
         examples = tokenize_examples(prompts, responses, tokenizer, tc.max_seq_len)
         groups = group_by_budget([len(ids) - 1 for ids, _ in examples], tc.micro_batch_tokens)
         rows = [packed_microbatch([examples[i] for i in group]) for group in groups]
         for _ in range(int(all_reduce(len(rows), d, op="max")) - len(rows)):
-            rows.append({**packed_microbatch([([pad_id, pad_id], 2)]), "filler": True})
+            rows.append({**packed_microbatch([([pad_id] * 3, 3)]), "filler": True})
         return rows, 1
     micro = [
         tokenize_prompt_and_output(
