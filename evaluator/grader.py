@@ -4,7 +4,9 @@ Pipeline for one (response, ground truth):
 1. Format: `</think> <answer>` followed later by `</answer>`; the answer is the text between the tags
    (the last \\boxed{} inside them when there is one).
 2. Cheap normalisation of both sides (LaTeX spacing and sizing, units, dollars, percent, degrees,
-   thousands separators, unicode minus, choice letters), then string and numeric comparison.
+   thousands separators, unicode minus, choice letters), then string and numeric comparison. Units on both
+   sides must agree (5 hours is not 5 minutes); integers compare exactly; words compare as words; an
+   equation answers a number only as `x = 5`; a variable is never taken for a unit.
 3. Symbolic comparison with math-verify (sympy) for everything else: fractions, roots, pi,
    intervals, sets, tuples, matrices, equations, algebraic identities.
 
@@ -88,10 +90,20 @@ _UNIT_WORDS = (
     "apples?|books?|coins?|cards?|pens?|shells?|stamps?|marbles?|items?|pieces?|times|ways"
 )
 _TRAILING_UNIT = re.compile(
-    rf"^(.*?\d[\d.,/]*)\s*(?:\\(?:text|mbox|mathrm)\{{\s*)?(?:{_UNIT_WORDS})(?:\^?\{{?[23]\}}?)?\s*\}}?\.?$"
+    rf"^([-+]?(?:\d*\\(?:frac|sqrt|pi)[\d{{}}]*|\d[\d.,/]*))\s*(?:\\(?:text|mbox|mathrm)\{{\s*)?"
+    rf"({_UNIT_WORDS})(\^?\{{?[23]\}}?)?\s*\}}?\.?$"
 )
+"""One numeric term (6, 1.5, 3/4, \\frac{1}{2}, 2\\sqrt{3}, 4\\pi) and a unit word: "3 + 2m" is not "3 + 2" metres."""
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|operatorname)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_THOUSANDS_BANG = re.compile(r"(\d),\\!\s*(?=\d{3}(?!\d))")
+"""MATH writes thousands as 11,\\!111 (a list is "11, 111"): the comma before \\! is a separator."""
+_INTEGER = re.compile(r"^[-+]?\d+$")
+_LONE_VARIABLE_EQUALS = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=[^=]+$")
+"""x = 5 answers 5; 5x - 7y + 4 = 0, x^2 = 4 or 12 = 5 do not (math-verify compares the right side alone)."""
+_FREE_LETTER = re.compile(r"[a-df-hj-zA-Z]")
+"""A letter that is a variable, not e or i (constants), once LaTeX commands are removed."""
+_WORD_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit)\s*\{\s*[A-Za-z][A-Za-z ]*\}")
 _THOUSANDS_LATEX = re.compile(r"^[-+]?\d{1,3}(?:\{,\}\d{3})+(?:\.\d+)?$")
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:(?:\\,|\\ |~|\s)\d{3})+(?:\.\d+)?$")
 _NUMBER_DEGREES = re.compile(r"^([-+]?[\d.]+)\s*(?:\^\s*\{?\\circ\}?|\\circ|\\degree|\^\{\\text\{o\}\})$")
@@ -169,6 +181,25 @@ _NOT_A_UNIT = {
     "billion",
     "half",
     "percent",
+    "is",
+    "are",
+    "was",
+    "were",
+    "a",
+    "an",
+    "the",
+    "not",
+    "in",
+    "of",
+    "factorial",
+    "halves",
+    "thirds",
+    "quarters",
+    "fourths",
+    "fifths",
+    "tenths",
+    "hundredths",
+    "thousandths",
 }
 _VARIABLE = r"[a-zA-Z]"
 _BOUND = r"(-?\s*(?:\\infty|\d+(?:\.\d+)?|\\frac\{[^{}]+\}\{[^{}]+\}|\\sqrt\{[^{}]+\}|\\pi|[\d.]+/[\d.]+))"
@@ -242,7 +273,12 @@ def _strip_counted_noun(s: str) -> str:
 
 
 def normalize(answer: str) -> str:
-    s = _rewrite_unicode(answer.strip())
+    return _normalize_with_unit(answer)[0]
+
+
+def _normalize_with_unit(answer: str) -> tuple[str, str | None]:
+    """The normalised answer, and the unit word it carried ("cm^2", "hours"; None without one)."""
+    s = _THOUSANDS_BANG.sub(r"\1", _rewrite_unicode(answer.strip()))
     s = (
         re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?=[\s(\[\]{}|.)\\])\s*\\?\.?", "", s)
         if "\\left" in s or "\\right" in s or "\\big" in s.lower()
@@ -262,13 +298,14 @@ def normalize(answer: str) -> str:
     unit = _TRAILING_UNIT.match(s)
     if unit:
         s = unit.group(1)
+        unit = unit.group(2).lower().rstrip("s") + (unit.group(3) or "").strip("^{}")
     s = _inequality_as_interval(_repeating_decimal(s.strip().rstrip(".").strip()))
     if _THOUSANDS.match(s) or _THOUSANDS_LATEX.match(s):
         s = s.replace("{,}", "").replace(",", "")
     choice = _CHOICE.match(s)
     if choice:
         s = choice.group(1).upper()
-    return s
+    return s, unit or None
 
 
 def _as_number(s: str) -> float | None:
@@ -295,7 +332,16 @@ def vote_key(answer: str) -> str | None:
 
 
 def _numbers_equal(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _number_of(s: str, strip_words: bool) -> tuple[float | None, str]:
+    """The value of a normalised answer that is a number (with a counted noun stripped when asked), and the
+    digits it was read from; thousands separators go, list commas stay ("-2,1" is no number)."""
+    if strip_words:
+        s = _strip_counted_noun(s)
+        s = s.replace(",", "") if _THOUSANDS.match(s) else s
+    return _as_number(s), s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,20 +375,32 @@ def _symbolic_equal(pred: str, gold: str) -> bool:
 
 def answers_equivalent(pred: str, gold: str) -> bool:
     """Is the extracted answer `pred` mathematically equal to the ground truth `gold`?"""
-    p, g = normalize(pred), normalize(gold)
+    (p, p_unit), (g, g_unit) = _normalize_with_unit(pred), _normalize_with_unit(gold)
     if not p or not g:
         return False
+    if p_unit and g_unit and p_unit != g_unit:
+        return False  # 5 hours is not 5 minutes (a unit on one side only is decoration)
     if p == g:
         return True
-    pn, gn = _as_number(p), _as_number(g)
+    if _WORD_WRAPPER.search(pred) or _WORD_WRAPPER.search(gold) or (len(p) > 3 and len(g) > 3):
+        if p.replace(" ", "").isalpha() and g.replace(" ", "").isalpha():
+            return p.lower().split() == g.lower().split()  # words, not products of letters (Navin is not Nivan)
+    pn, p_digits = _number_of(p, strip_words=False)
+    gn, g_digits = _number_of(g, strip_words=False)
     # "6 cookies" against 6: the words count the number. Only against a bare number ("5 heads" vs "5 tails"
     # stays wrong).
     if pn is None and gn is not None:
-        pn = _as_number(_strip_counted_noun(p).replace(",", ""))
+        pn, p_digits = _number_of(p, strip_words=True)
     elif gn is None and pn is not None:
-        gn = _as_number(_strip_counted_noun(g).replace(",", ""))
+        gn, g_digits = _number_of(g, strip_words=True)
     if pn is not None and gn is not None:
+        if _INTEGER.match(p_digits) and _INTEGER.match(g_digits):
+            return int(p_digits) == int(g_digits)  # exact: 1000000001 is not 1000000000
         return _numbers_equal(pn, gn)
+    if "=" in p and "=" not in g and not _LONE_VARIABLE_EQUALS.match(p):
+        return False
+    if gn is not None and "=" not in p and _FREE_LETTER.search(re.sub(r"\\[a-zA-Z]+", "", p)):
+        return False  # 3 + 2m is not 5 (math-verify would drop the m as a unit)
     if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS or _HUGE_POWER.search(p) or _HUGE_POWER.search(g):
         return False
     if _CHOICE.match(g) and len(g) == 1 and g.isalpha():

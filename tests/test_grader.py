@@ -271,6 +271,37 @@ CASES = [
     ("\\sqrt{2}", "1.414", WRONG),
     ("100", "10^3", WRONG),
     ("2^{10}", "1000", WRONG),
+    # false positives found by a review (2026-11-27): each was graded right before
+    ("-21", "-2,1", WRONG),  # list commas are not thousands separators (MATH-500: integer roots)
+    ("-2, 1", "-2,1", RIGHT),
+    ("1,5", "15", WRONG),
+    ("1000000001", "1000000000", WRONG),  # integers compare exactly, not as floats
+    ("12345678901", "12345678902", WRONG),
+    ("1e-13", "2e-13", WRONG),
+    ("5x - 7y + 11z + 4 = 0", "0", WRONG),  # an equation is not the number on its right
+    ("x+y=10", "10", WRONG),
+    ("x^2=4", "4", WRONG),
+    ("12 = 5", "5", WRONG),
+    ("x = 5", "5", RIGHT),
+    ("11111111100", "11,\\! 111,\\! 111,\\! 100", RIGHT),  # MATH's thousands: ",\\!"
+    ("11,111,111,100", "11,\\! 111,\\! 111,\\! 100", RIGHT),
+    ("100, 111, 11", "11,\\! 111,\\! 111,\\! 100", WRONG),
+    ("3 + 2m", "5", WRONG),  # a variable is not a unit
+    ("10 - 2g", "8", WRONG),
+    ("\\frac{1}{2} \\text{ cm}", "\\frac{1}{2}", RIGHT),
+    ("4\\pi \\text{ cm}^2", "4\\pi", RIGHT),
+    ("5 hours", "5 minutes", WRONG),  # units on both sides must agree
+    ("5 \\text{ dollars}", "5 \\text{ cents}", WRONG),
+    ("6 \\text{ cm}^3", "6 \\text{ cm}^2", WRONG),
+    ("5 \\text{ hours}", "5 \\text{ hour}", RIGHT),
+    ("3 a", "3", WRONG),  # words that do not count the number
+    ("10 factorial", "10", WRONG),
+    ("3 tenths", "3", WRONG),
+    ("5 is wrong", "5", WRONG),
+    ("\\text{Nivan}", "\\text{Navin}", WRONG),  # words are compared as words, not as products of letters
+    ("\\text{seat}", "\\text{east}", WRONG),
+    ("\\text{East}", "\\text{east}", RIGHT),
+    ("ab", "ba", RIGHT),  # short letter strings stay algebra
 ]
 
 
