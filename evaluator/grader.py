@@ -335,12 +335,11 @@ def _numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
-def _number_of(s: str, strip_words: bool) -> tuple[float | None, str]:
-    """The value of a normalised answer that is a number (with a counted noun stripped when asked), and the
-    digits it was read from; thousands separators go, list commas stay ("-2,1" is no number)."""
-    if strip_words:
-        s = _strip_counted_noun(s)
-        s = s.replace(",", "") if _THOUSANDS.match(s) else s
+def _counted_number(s: str) -> tuple[float | None, str]:
+    """The value of a normalised answer that is a number once a counted noun goes ("6 cookies"), and the digits
+    it was read from; thousands separators go, list commas stay ("-2,1" is no number)."""
+    s = _strip_counted_noun(s)
+    s = s.replace(",", "") if _THOUSANDS.match(s) else s
     return _as_number(s), s
 
 
@@ -385,14 +384,13 @@ def answers_equivalent(pred: str, gold: str) -> bool:
     if _WORD_WRAPPER.search(pred) or _WORD_WRAPPER.search(gold) or (len(p) > 3 and len(g) > 3):
         if p.replace(" ", "").isalpha() and g.replace(" ", "").isalpha():
             return p.lower().split() == g.lower().split()  # words, not products of letters (Navin is not Nivan)
-    pn, p_digits = _number_of(p, strip_words=False)
-    gn, g_digits = _number_of(g, strip_words=False)
+    (pn, p_digits), (gn, g_digits) = (_as_number(p), p), (_as_number(g), g)
     # "6 cookies" against 6: the words count the number. Only against a bare number ("5 heads" vs "5 tails"
     # stays wrong).
     if pn is None and gn is not None:
-        pn, p_digits = _number_of(p, strip_words=True)
+        pn, p_digits = _counted_number(p)
     elif gn is None and pn is not None:
-        gn, g_digits = _number_of(g, strip_words=True)
+        gn, g_digits = _counted_number(g)
     if pn is not None and gn is not None:
         if _INTEGER.match(p_digits) and _INTEGER.match(g_digits):
             return int(p_digits) == int(g_digits)  # exact: 1000000001 is not 1000000000
@@ -568,7 +566,7 @@ class GraderPool:
     def _grade(self, responses, ground_truths, progress):
         results: list[dict[str, float] | None] = [None] * len(responses)
         problems: list[str | None] = [None] * len(responses)
-        todo, lost = [], defaultdict(int)  # lost: how often a case's worker died or overran under it
+        todo, lost = [], defaultdict(int)  # lost: how often a case timed out or its worker died under it
         for i, r in enumerate(responses):
             if extract_answer(r) is None:  # badly formatted: no need to leave this process
                 results[i] = dict(_ZERO)

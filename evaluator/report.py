@@ -140,8 +140,11 @@ def read_set_samples(eval_dir: Path, set_name: str, step: int) -> list[dict[str,
 
 def _side_by_side(left: str, right: str, width: int) -> list[str]:
     col = (width - 3) // 2
-    a = [w for para in left.splitlines() for w in (textwrap.wrap(para, col) or [""])]
-    b = [w for para in right.splitlines() for w in (textwrap.wrap(para, col) or [""])]
+
+    def wrapped(text: str) -> list[str]:
+        return [w for para in text.splitlines() for w in (textwrap.wrap(para, col) or [""])]
+
+    a, b = wrapped(left), wrapped(right)
     a += [""] * (len(b) - len(a))
     b += [""] * (len(a) - len(b))
     return [f"{x:<{col}} | {y}" for x, y in zip(a, b)]

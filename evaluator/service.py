@@ -102,6 +102,11 @@ class EvalSet:
         return {ex.index: ex.fields for ex in self.examples}
 
     @cached_property
+    def problems_id(self) -> str:
+        """Which problems the set holds (index and answer of each): flips are counted only between equal ones."""
+        return hashlib.sha256(json.dumps([[ex.index, ex.answer] for ex in self.examples]).encode()).hexdigest()[:16]
+
+    @cached_property
     def breakdown(self) -> list[str]:
         """The fields accuracy is broken down by: the set's choice, else those with few distinct values."""
         return breakdown_fields(self.fields_by_problem, self.cfg.breakdown_fields)
@@ -114,11 +119,6 @@ def load_eval_sets(cfg: Config) -> list[EvalSet]:
         examples = seeded_subset(load_dataset(set_cfg.data), set_cfg.num_samples, cfg.evaluation.seed)
         sets.append(EvalSet(set_cfg, examples, [render_prompt(template, ex) for ex in examples]))
     return sets
-
-
-def problems_id(examples: list[Example]) -> str:
-    """Which problems a set holds (index and answer of each): flips are counted only between equal ones."""
-    return hashlib.sha256(json.dumps([[ex.index, ex.answer] for ex in examples]).encode()).hexdigest()[:16]
 
 
 def previous_samples(eval_dir: Path, set_result: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
@@ -265,7 +265,7 @@ class Evaluator:
             "step": step,
             "set": sc.name,
             "data": sc.data.path,
-            "problems_id": problems_id(eval_set.examples),
+            "problems_id": eval_set.problems_id,
             "sampling": {
                 "n": sc.n,
                 "temperature": sc.temperature,

@@ -801,8 +801,9 @@ def unpublish_old_checkpoints(
     holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
     or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
     {eval name: backfill} from the trainer's config; a live watcher's own setting counts too), and the
-    `best` rule's k best steps of each group of comparable results (the `best` link is pointed anew, see rank_and_point). Deleted steps an evaluation never saw
-    are recorded `deleted` in its ledger. The caller removes the folders.
+    `best` rule's k best steps of each group of comparable results (the `best` link is pointed anew, see
+    rank_and_point). Deleted steps an evaluation never saw are recorded `deleted` in its ledger. The caller
+    removes the folders.
 
     All of it happens under the leases lock and every ledger's lock (taken in name order, the only
     place that holds more than one), so nothing is claimed or leased between deciding and unpublishing."""
@@ -810,8 +811,7 @@ def unpublish_old_checkpoints(
     ready = ready_weights_ids(layout.checkpoints_dir)
     candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
     if not candidates:  # nothing to delete: only the link to point
-        with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-            rank_and_point(layout, best)
+        update_best(layout, best)
         return RetentionResult([], {}, {})
     # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
@@ -837,10 +837,11 @@ def unpublish_old_checkpoints(
             # The k best of every group of comparable results: a result under a newer evaluation config does not
             # unprotect the best steps measured under an older one (only re-evaluating them would compare them).
             for i, group in enumerate(rank_and_point(layout, best)):
+                earlier = " under an earlier evaluation config" if i else ""
                 for value, step in group[: best.k]:
                     if step in candidates:
-                        kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g})" + (
-                            " under an earlier evaluation config" if i else ""
+                        kept_for[step] = (
+                            f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g}){earlier}"
                         )
             for step in candidates:
                 if step in kept_for:
@@ -938,9 +939,9 @@ def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[list[tuple[
     return groups
 
 
-def update_best(layout: RunLayout, best: BestRule) -> int | None:
-    """The evaluator's call after recording a result: point `best` anew, under the leases lock. Returns the
-    best step, if any."""
+def update_best(layout: RunLayout, best: BestRule | None) -> int | None:
+    """Point `best` anew (removed when `best` is None), under the leases lock: the evaluator's call after
+    recording a result, and retention's when it has nothing to delete. Returns the best step, if any."""
     layout.leases_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
         groups = rank_and_point(layout, best)

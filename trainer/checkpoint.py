@@ -141,8 +141,9 @@ class AsyncCheckpointer:
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
-        `eval_backfill`: {evaluation name: backfill} of the run's config, and `keep_best`, for retention. `master_weights`: the
-        fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state for an exact resume."""
+        `eval_backfill`: {evaluation name: backfill} of the run's config, and `keep_best`, for retention.
+        `master_weights`: the fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state
+        for an exact resume."""
         self.d = d
         self.layout = layout
         self.config_hash = config_hash
