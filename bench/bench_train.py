@@ -1,6 +1,6 @@
 """Trainer throughput (non-padding tokens/s, MFU) and checkpoint stall on a Qwen2.5-Math-1.5B-shaped model.
 
-    python -m bench.bench_train                 # throughput + stall (checkpoints at steps 40 and 80)
+    python -m bench.bench_train                 # throughput + stall (checkpoints due at steps 40 and 80)
     python -m bench.bench_train --tag alone     # step time only (used by the interference benchmark)
     python -m bench.bench_train --gpus 3        # tokens/s per GPU with FSDP2 on 3 GPUs (compare with --gpus 1)
     python -m bench.bench_train --lengths ../shared/data/math500/sft_lengths.json   # real SFT lengths
@@ -112,7 +112,8 @@ def main() -> None:
             "gpus": list(range(args.gpus)),
             "publish_step0": False,  # the timed steps and the stall saves only, as before step 0 existed
             "data": {"path": str(data), "format": "sft"},
-            "max_steps": 80 if stall else REAL_STEPS + 5 if args.lengths else 25,
+            # stall: saves due at 40 and 80; the run's last save (85, which always waits) comes after both
+            "max_steps": 85 if stall else REAL_STEPS + 5 if args.lengths else 25,
             "batch_size": 8 * args.gpus,
             "micro_batch_size": 8,
             "max_seq_len": 1024 if args.lengths else 1025,
@@ -188,15 +189,21 @@ def main() -> None:
         batch="8x1024",
         command="python -m bench.bench_train",
     )
+    second = rows[80]
     report(
         "checkpoint_stall",
+        settings=label or "defaults",
         blocked_s_first=round(rows[40]["train/checkpoint_blocked_s"], 3),
-        blocked_s_second=round(rows[80]["train/checkpoint_blocked_s"], 3),
-        waited_for_previous_s=round(rows[80]["train/checkpoint_waited_s"], 3),
+        second="skipped" if "train/checkpoints_skipped" in second else "saved",
+        blocked_s_second=round(second.get("train/checkpoint_blocked_s", 0.0), 3),
+        waited_for_previous_s=round(second.get("train/checkpoint_waited_s", 0.0), 3),
+        # what the loop lost in steps 76-80 (the second save included) against the steady step time
+        held_s_second=round(5 * (second["train/step_s"] - step_s), 3),
         step_s_after_save=round(rows[45]["train/step_s"], 4),
         step_s_steady=round(step_s, 4),
+        # keep_last 1: the one checkpoint left
         checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
-        command="python -m bench.bench_train",
+        command=f"python -m bench.bench_train {label}".strip(),
     )
 
 

@@ -125,6 +125,11 @@ class TrainingConfig:
     them again for its backward, saving 2 bytes per parameter on every GPU (1.5B: 3 GB). false (the default)
     keeps them until the backward: one all-gather less per layer and step, measured faster on 2 x H100
     (85.8 % against 80.0 % per-GPU scaling, BENCHMARKS.md). Turn it on for models that do not fit otherwise."""
+    fsdp_layers_per_unit: int = 7
+    """Several GPUs (FSDP2): consecutive decoder layers gathered and reduced together, as one unit. More per unit:
+    fewer, larger collectives and fewer FSDP hooks on the host, whose cost per unit is fixed and left the GPUs
+    waiting; with fsdp_reshard_after_forward, more memory (up to two units' weights gathered at once). Measured
+    on 2 x H200, 1.5B (BENCHMARKS.md), per-GPU scaling: 85.6 % with 1, 87.6 % with 2, 90.2 % with 4, 91.7 % with 7."""
     max_seq_len: int = 1024
     """Prompt + response tokens kept per example; longer examples are truncated from the right."""
     learning_rate: float = 2e-5
@@ -145,6 +150,11 @@ class TrainingConfig:
     """Seed for model init (embedded model), data order and dropout."""
     eval_every: int = 500
     """Publish a checkpoint every this many steps (and at the last step)."""
+    checkpoint_when_busy: Literal["skip", "wait"] = "skip"
+    """A checkpoint due while the previous one is still being written (the disk slower than eval_every steps):
+    skip = that step is not saved, with a warning naming it and train/checkpoints_skipped counting them, and the
+    loop is never held for the disk; wait = every due checkpoint is saved and the loop waits for the disk. The
+    last step's checkpoint is always saved."""
     keep_last: int | None = None
     """Checkpoints to keep on disk; null = all. Never deletes one an evaluator holds or still needs."""
     keep_best: KeepBestConfig | None = None
@@ -158,7 +168,17 @@ class TrainingConfig:
     """CPU threads for torch (null = torch's default). Only matters on CPU."""
 
     def validate(self, key: str) -> None:
-        _positive(key, self, "max_steps", "batch_size", "micro_batch_size", "max_seq_len", "eval_every", "log_every")
+        _positive(
+            key,
+            self,
+            "max_steps",
+            "batch_size",
+            "micro_batch_size",
+            "max_seq_len",
+            "eval_every",
+            "log_every",
+            "fsdp_layers_per_unit",
+        )
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"{key}.batch_size ({self.batch_size}) must be a multiple of {key}.micro_batch_size ({self.micro_batch_size})"
@@ -269,6 +289,10 @@ class EvaluationConfig:
     when it does not start within engine_start_timeout_s)."""
     engine_start_timeout_s: float = 300.0
     """Longest wait for a vLLM engine core in a child process to start before falling back to in-process."""
+    vllm_max_num_seqs: int = 512
+    """Most sequences vLLM decodes at once; its CUDA graphs are captured up to this batch size. vLLM 0.26's
+    defaults let 1,024 run but capture graphs only up to 512, and a batch past 512 ran without them: two sets
+    (640 requests) in one call ran at 0.71x of the same requests split in two calls (H200, BENCHMARKS.md)."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -328,7 +352,14 @@ class EvaluationConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"{key}.name: must be a plain folder name, got {self.name!r}")
         _positive(
-            key, self, "hf_batch_size", "rescan_s", "grader_timeout_s", "heartbeat_timeout_s", "engine_start_timeout_s"
+            key,
+            self,
+            "hf_batch_size",
+            "rescan_s",
+            "grader_timeout_s",
+            "heartbeat_timeout_s",
+            "engine_start_timeout_s",
+            "vllm_max_num_seqs",
         )
         _positive_or_null(key, self, "num_threads", "num_grader_workers")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -571,6 +602,7 @@ RESUME_MAY_CHANGE = frozenset(
     {
         "training.max_steps",
         "training.eval_every",
+        "training.checkpoint_when_busy",
         "training.keep_last",
         "training.keep_best",
         "training.publish_step0",
@@ -583,6 +615,7 @@ RESUME_MAY_CHANGE = frozenset(
         "training.master_weights",
         "training.compile",
         "training.fsdp_reshard_after_forward",
+        "training.fsdp_layers_per_unit",
     }
 )
 """Keys that only extend or re-organise a run (how far, how often to save and log, how the same global

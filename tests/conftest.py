@@ -34,6 +34,9 @@ TINY = {
         "learning_rate": 3e-3,
         "warmup_steps": 2,
         "eval_every": 2,
+        # Tests assert exact checkpoint lists, with saves every 2 fast steps (and slowed on purpose): every save
+        # waits for the previous one. The default, skip, has its own test.
+        "checkpoint_when_busy": "wait",
         "num_threads": 1,
     },
     "evaluation": {

@@ -94,15 +94,13 @@ def rows_per_rank(run_dir, micro_batch_tokens, nproc=2):
 
 def test_two_processes_packed_match_one_padded_when_ranks_pack_into_different_numbers_of_rows(trained_run, tmp_path):
     """FSDP pairs the ranks' passes up: a rank whose examples make fewer packed rows runs filler rows, which add
-    nothing. The losses, gradient norms and weights stay those of one process."""
+    nothing. The losses, gradient norms and weights stay those of one process. Here each decoder layer is its
+    own FSDP unit, with the next unit's all-gather prefetched (the sharded_run has both layers in one unit)."""
     import yaml
 
+    training = {**TINY["training"], "micro_batch_tokens": 160, "fsdp_layers_per_unit": 1}
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {**TINY, "runs_dir": str(tmp_path / "runs"), "training": {**TINY["training"], "micro_batch_tokens": 160}}
-        )
-    )
+    cfg.write_text(yaml.safe_dump({**TINY, "runs_dir": str(tmp_path / "runs"), "training": training}))
     torchrun(cfg)
     packed = tmp_path / "runs" / "tiny"
     assert any(len(set(step)) > 1 for step in rows_per_rank(packed, 160))  # the filler rows were needed

@@ -420,7 +420,7 @@ SETS = {
 def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(trained_run, make_config, tmp_path):
     """Two sets (one sampled, n=3) per checkpoint with one weight load; evaluating step 6, then 2, then 6
     again gives step 6 the same samples: each request's seed depends on what it samples, not on history."""
-    from evaluator.backends import make_backend
+    from evaluator.backends import Generation, make_backend
     from evaluator.service import Evaluator
     from shared.config import load_config
 
@@ -430,6 +430,19 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     real_load = backend.load
     backend.load = lambda ckpt_dir: loads.append(ckpt_dir) or real_load(ckpt_dir)  # a spy on the real load
     evaluator = Evaluator(cfg, backend, None)
+    # The tiny model answers nothing right yet: every other greedy response is made right after generation, so
+    # that a grade given to another set's or another problem's sample shows.
+    answers = {prompt: ex.answer for es in evaluator.sets for ex, prompt in zip(es.examples, es.prompts)}
+    real_generate = backend.generate
+
+    def generate(requests, progress=None):
+        generated = real_generate(requests, progress)
+        for r, gens in zip(requests, generated):
+            for i in range(0, len(gens), 2) if r.sampling.name == "greedy" else ():
+                gens[i] = Generation(f"so </think> <answer>{answers[r.prompts[i]]}</answer>", 9, False)
+        return generated
+
+    backend.generate = generate
     layout = RunLayout(trained_run)
     try:
         first, first_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
@@ -449,6 +462,14 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     assert len({s["response"] for s in sampled if s["problem"] == sampled[0]["problem"]}) > 1
     assert [s["response"] for s in sampled] == [s["response"] for s in again_samples["sampled"]]
     assert all(s["failure"] in (None, "truncated", "format", "no_answer", "wrong") for s in sampled)
+    # both sets were generated in one engine call and graded in one pass: each sample keeps its own grade
+    from evaluator.grader import grade
+
+    graded = [s for set_samples in first_samples.values() for s in set_samples]
+    assert [s["reward"] for s in first_samples["greedy"]] == [1.0, 0.0] * 4
+    assert all(s["reward"] == grade(s["response"], s["ground_truth"])["reward"] for s in graded)
+    assert {"reload", "generation", "grading", "total"} <= set(first["timings_s"])
+    assert first["generated_tokens_per_s"] > 0
 
 
 def test_a_restarted_evaluator_gives_the_same_samples(trained_run, make_config, tmp_path):

@@ -117,6 +117,25 @@ def test_resume_gives_the_same_losses(trained_run, tmp_path, make_config):
     assert torch.equal(rng[0], rng[1])
 
 
+def test_a_save_due_while_the_previous_is_written_is_skipped_and_said_not_waited_for(tmp_path, make_config):
+    """checkpoint_when_busy=skip (the default): with step 0's save held on the disk for seconds, the saves due at
+    steps 2 and 4 find it still writing; they are not saved, each is named in a warning and counted, and the loop
+    does not wait. The last step's save waits, so the run always ends on a checkpoint."""
+    cfg = make_config({"training": {"checkpoint_when_busy": "skip"}})
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    # each file of a save takes 1 s more: step 0's save (7 files) is still in flight when steps 2 and 4 are due
+    out = run_service("trainer", "--config", cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"}).stdout
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6]
+    for step in (2, 4):
+        assert f"warning: step {step} not saved: the checkpoint of step 0 is still being written" in out
+    assert "2 not saved, the disk being behind: steps [2, 4]" in out
+    rows = [json.loads(line) for line in (layout.run_dir / "train_log.jsonl").read_text().splitlines()]
+    skipped = {r["train_step"]: r["train/checkpoints_skipped"] for r in rows if "train/checkpoints_skipped" in r}
+    assert skipped == {2: 1, 4: 2}
+    assert [r["train_step"] for r in rows if "train/checkpoint_blocked_s" in r] == [6]
+    assert not [p for p in layout.checkpoints_dir.iterdir() if p.name.startswith(".tmp")]
+
+
 def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")

@@ -3,7 +3,9 @@
 The training loop pays only for the snapshot. On GPU the copies run on a side CUDA stream into pinned
 buffers that are reused from save to save, so even that overlaps with the next forward/backward; the
 loop waits for the copy (on the device, not the host) just before the next optimizer step changes
-the weights. At most one save is in flight: a new save first waits for the previous one.
+the weights. At most one save is in flight. A save due while the previous one is still being written either
+is skipped (when_busy="skip": the loop is never held for the disk) or waits for it ("wait"); a final save
+always waits. Every skip is returned to the loop, which says so: a skipped step is never silent.
 
 Everything on disk goes through shared.protocol: write into .tmp_step_N, publish (fsync, rename,
 fsync, READY). A failed write removes the temporary directory and is re-raised in the training loop.
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from shared.hf_models import tied_weight_names
-from trainer.distributed import Dist, barrier, full_model_state_on_rank0, local_optimizer_state
+from trainer.distributed import Dist, all_reduce, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
     BestRule,
@@ -137,14 +139,16 @@ class AsyncCheckpointer:
         eval_backfill: dict[str, bool] | None = None,
         master_weights: list[torch.Tensor] | None = None,
         keep_best: BestRule | None = None,
+        when_busy: str = "skip",
     ):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
         `eval_backfill`: {evaluation name: backfill} of the run's config, and `keep_best`, for retention.
         `master_weights`: the fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state
-        for an exact resume."""
+        for an exact resume. `when_busy`: "skip" or "wait", what a save due during the previous one's write does."""
         self.d = d
+        self.when_busy = when_busy
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
@@ -162,6 +166,8 @@ class AsyncCheckpointer:
         self._model_snapshot = _Snapshot()
         self._state_snapshot = _Snapshot()
         self._thread: threading.Thread | None = None
+        self._writing_step: int | None = None
+        """The step the thread in flight writes (None: none, or only the buffer allocation runs)."""
         self._error: BaseException | None = None
         self.last_published: int | None = None
 
@@ -188,6 +194,7 @@ class AsyncCheckpointer:
         """After the save in flight (step 0's: it still reads the buffers), buffers for the full state."""
         if in_flight is not None:
             in_flight.join()
+        self._writing_step = None  # a save due from now on waits for the allocation; it is not skipped
         try:
             self._model_snapshot.allocate(weights)
             self._state_snapshot.allocate(state)
@@ -195,10 +202,22 @@ class AsyncCheckpointer:
             self._error = CheckpointWriteError(f"allocating checkpoint buffers failed: {exc}")
 
     def save(
-        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
-    ) -> dict[str, float]:
-        """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held."""
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        final: bool = False,
+    ) -> dict[str, Any]:
+        """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held; or, when
+        the previous save is still being written, when_busy is "skip" and this save is not `final`:
+        {skipped_for: the step being written}, and nothing is saved. Collective with several ranks."""
         t0 = time.perf_counter()
+        writing = self._writing_step if self._thread is not None and self._thread.is_alive() else None
+        # Ranks decide together (one rank skipping while another writes would leave a torn checkpoint); rank 0,
+        # which waits for every shard, is the last to finish.
+        if self.when_busy == "skip" and not final and all_reduce(writing is not None, self.d, op="max"):
+            return {"skipped_for": writing if writing is not None else self.last_published}
         waited = self.wait()
         if self.d.enabled:
             if self.d.is_main:  # the one creator of the temporary directory, before any rank writes into it
@@ -214,6 +233,7 @@ class AsyncCheckpointer:
         self._thread = threading.Thread(
             target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True
         )
+        self._writing_step = step
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
 
@@ -234,7 +254,7 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
-            self._thread = None
+            self._thread, self._writing_step = None, None
         self.raise_if_failed()
         return time.perf_counter() - t0
 

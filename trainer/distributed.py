@@ -54,17 +54,31 @@ def init_distributed() -> Dist:
 
 
 def shard_model(
-    root: torch.nn.Module, layers: list[torch.nn.Module], compute_dtype: torch.dtype, reshard_after_forward: bool
+    root: torch.nn.Module,
+    layers: list[torch.nn.Module],
+    compute_dtype: torch.dtype,
+    reshard_after_forward: bool,
+    layers_per_unit: int = 1,
 ) -> None:
-    """FSDP2: one unit per decoder layer, and `root` (holding the other parameters) around them. Parameters stay
-    fp32 (the optimizer's master copy); compute runs in `compute_dtype`, gradients are reduced in fp32.
-    The last layer always keeps its gathered parameters after the forward: its backward comes right after."""
+    """FSDP2: one unit (one all-gather, one reduce-scatter) per `layers_per_unit` consecutive decoder layers, and
+    `root` (holding the other parameters) around them. Parameters stay fp32 (the optimizer's master copy);
+    compute runs in `compute_dtype`, gradients are reduced in fp32.
+    Each unit's pre-forward issues the next unit's all-gather (explicit prefetch): without it the all-gather is
+    issued only when the host reaches the next unit, late whenever the host is not far ahead of the GPU.
+    The last unit always keeps its gathered parameters after the forward: its backward comes right after."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for i, layer in enumerate(layers):
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    units = [list(layers[i : i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
+    for i, unit in enumerate(units):
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(units) - 1)
     fully_shard(root, mp_policy=policy)
+    firsts = [unit[0] for unit in units]  # a unit's hooks and state live on its first layer
+    for here, after in zip([root, *firsts], firsts):
+        here.set_modules_to_forward_prefetch([after])
+    if reshard_after_forward:
+        for here, before in zip(firsts[1:], firsts):
+            here.set_modules_to_backward_prefetch([before])
 
 
 def all_reduce(value: float | torch.Tensor, d: Dist, op: str = "sum") -> float:

@@ -304,7 +304,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             layer.forward = torch.compile(layer.forward, dynamic=True)
     head = ResponseLogProbs(model)  # the LM head in chunks, only at response tokens, where the model allows
     if d.enabled:
-        shard_model(head, model.model.layers, dtype, tc.fsdp_reshard_after_forward)
+        shard_model(head, model.model.layers, dtype, tc.fsdp_reshard_after_forward, tc.fsdp_layers_per_unit)
     # One process in bf16: the optimizer updates fp32 masters (sharded training has fp32 parameters already).
     master = MasterWeights(model) if tc.master_weights and not d.enabled and param_dtype != torch.float32 else None
     trained = master.params if master else list(model.parameters())  # what the optimizer and clipping see
@@ -338,6 +338,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         eval_backfill={cfg.evaluation.name: cfg.evaluation.backfill},
         master_weights=master.params if master else None,
         keep_best=BestRule.of(cfg),
+        when_busy=tc.checkpoint_when_busy,
     )
     num_params = sum(p.numel() for p in model.parameters())  # a sharded parameter reports its full size
     attention = "varlen flash" if varlen else "sdpa"
@@ -363,6 +364,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     flops_per_token = 6 * num_params
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
+    skipped_steps: list[int] = []  # checkpoints not saved because the previous one was still being written
     # disable=None: a bar on a terminal only (piped, as in `make demo`, it would garble the other service's lines)
     bar = tqdm(
         total=tc.max_steps,
@@ -412,20 +414,27 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                saved = checkpointer.save(step, model, optimizer, {"step": step, **trainer_state})
-                metrics.update(
-                    {
-                        "train/checkpoint_blocked_s": saved["blocked_s"],
-                        "train/checkpoint_waited_s": saved["waited_for_previous_s"],
-                    }
+                saved = checkpointer.save(
+                    step, model, optimizer, {"step": step, **trainer_state}, final=step == tc.max_steps
                 )
-                # Every checkpoint is kept, so a slow disk stalls the loop: say so.
-                if saved["waited_for_previous_s"] > 1.0:
+                if "skipped_for" in saved:
+                    skipped_steps.append(step)
+                    metrics["train/checkpoints_skipped"] = len(skipped_steps)
                     log(
-                        f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for the "
-                        f"previous save to finish: writing takes longer than training.eval_every={tc.eval_every} steps "
-                        "here; raise eval_every, or write checkpoints to a faster disk"
+                        f"warning: step {step} not saved: the checkpoint of step {saved['skipped_for']} is still being "
+                        f"written (writing takes longer than training.eval_every={tc.eval_every} steps here); raise "
+                        "eval_every, write to a faster disk, or set training.checkpoint_when_busy=wait to keep every "
+                        "checkpoint and let the loop wait"
                     )
+                else:
+                    metrics["train/checkpoint_blocked_s"] = saved["blocked_s"]
+                    metrics["train/checkpoint_waited_s"] = saved["waited_for_previous_s"]
+                    if saved["waited_for_previous_s"] > 1.0:  # checkpoint_when_busy=wait on a slow disk: say so
+                        log(
+                            f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for "
+                            f"the previous save to finish: writing takes longer than training.eval_every="
+                            f"{tc.eval_every} steps here; raise eval_every, or write checkpoints to a faster disk"
+                        )
             if log_now or metrics:
                 # Global figures (sums over ranks); this waits for the device: only on logging steps.
                 loss_value = all_reduce(loss_sum, d) / d.world
@@ -475,5 +484,6 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
         shutdown(d)
     log(
         f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)"
+        + (f"; {len(skipped_steps)} not saved, the disk being behind: steps {skipped_steps}" if skipped_steps else "")
     )
     return {"step": step, "last_checkpoint": checkpointer.last_published}
