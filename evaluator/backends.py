@@ -303,36 +303,33 @@ class VLLMBackend:
     def generate(
         self, requests: list[SetRequests], progress: Callable[[int], None] | None = None
     ) -> list[list[Generation]]:
-        """One response per request, every set's requests in one engine call: the engine never drains between
-        sets, nor idles while a set is graded. Request i is sampled with noise seeded by its seed: the same
-        requests submitted together give the same samples whatever the engine ran before (a restarted evaluator
-        does that). Another batch around them changes the bf16 logits slightly, so long samples can then differ
-        (BENCHMARKS.md). Seeds cost 1-17 % of raw generation in vLLM 0.26 (measured on H100 and H200)."""
-        prompts = [p for r in requests for p in r.prompts]
-        params = [p for r in requests for p in self.sampling_params(r.seeds, r.sampling)]
+        """One response per request, one engine call per set: a set's samples depend on its own requests only (the
+        batch around a request changes its bf16 logits slightly), so adding a set never changes another's. One
+        call for all sets was measured no faster (0.98x, BENCHMARKS.md). Request i is sampled with noise seeded by
+        its seed: the same requests submitted together give the same samples whatever the engine ran before (a
+        restarted evaluator does that); another batch around them can change long samples (BENCHMARKS.md).
+        Seeds cost 1-17 % of raw generation in vLLM 0.26 (measured on H100 and H200)."""
+        return [self._generate_set(r, progress) for r in requests]
+
+    def _generate_set(self, requests: SetRequests, progress: Callable[[int], None] | None) -> list[Generation]:
         try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(
+                requests.prompts, self.sampling_params(requests.seeds, requests.sampling), use_tqdm=False
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
             self.close()  # the next checkpoint starts a fresh engine
             raise EngineError(
                 f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted"
             ) from exc
-        if len(outputs) != len(prompts):  # every response is matched to its request by position
-            raise EngineError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")
+        if len(outputs) != len(requests.prompts):  # every response is matched to its request by position
+            raise EngineError(f"vLLM returned {len(outputs)} outputs for {len(requests.prompts)} requests")
         if progress:
-            progress(len(prompts))
-        results, first = [], 0
-        for r in requests:
-            results.append(
-                [
-                    Generation(
-                        cut_at_stop(c.text, r.sampling.stop)[0], len(c.token_ids), truncated=c.finish_reason == "length"
-                    )
-                    for c in (out.outputs[0] for out in outputs[first : first + len(r.prompts)])
-                ]
-            )
-            first += len(r.prompts)
-        return results
+            progress(len(outputs))
+        stop = requests.sampling.stop
+        return [
+            Generation(cut_at_stop(c.text, stop)[0], len(c.token_ids), truncated=c.finish_reason == "length")
+            for c in (out.outputs[0] for out in outputs)
+        ]
 
     def sampling_params(self, seeds: list[int], sampling: EvalSetConfig) -> list:
         """vLLM's SamplingParams of each request `generate` submits."""

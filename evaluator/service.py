@@ -194,9 +194,8 @@ class Evaluator:
         ec = self.cfg.evaluation
         t_start = time.perf_counter()
         how, reload_s = self._load_checked(ckpt_dir, weights_id)
-        # Every set's requests go to the engine in one call (it never drains between sets), and are graded in one
-        # pass. Within a set: n requests per problem, each with its own seed, so the samples depend on neither
-        # batching nor history.
+        # n requests per problem, each with its own seed: a set's samples depend on its requests, not on history.
+        # Generated set by set (backends.py says why), graded in one pass.
         seed = ec.seed
         requests = [
             [(ex, prompt, j) for ex, prompt in zip(s.examples, s.prompts) for j in range(s.cfg.n)] for s in self.sets

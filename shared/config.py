@@ -151,10 +151,11 @@ class TrainingConfig:
     eval_every: int = 500
     """Publish a checkpoint every this many steps (and at the last step)."""
     checkpoint_when_busy: Literal["skip", "wait"] = "skip"
-    """A checkpoint due while the previous one is still being written (the disk slower than eval_every steps):
-    skip = that step is not saved, with a warning naming it and train/checkpoints_skipped counting them, and the
-    loop is never held for the disk; wait = every due checkpoint is saved and the loop waits for the disk. The
-    last step's checkpoint is always saved."""
+    """A checkpoint due while the previous save is still at work (the disk slower than eval_every steps): skip =
+    that step is not saved, with a warning naming it and train/checkpoints_skipped counting them, and the loop is
+    not held for the disk; wait = every due checkpoint is saved and the loop waits for the disk. The max_steps
+    step is always saved, and so is the step a stop (Ctrl-C, SIGTERM) ends at when the newest due save was
+    skipped."""
     keep_last: int | None = None
     """Checkpoints to keep on disk; null = all. Never deletes one an evaluator holds or still needs."""
     keep_best: KeepBestConfig | None = None

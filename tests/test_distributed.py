@@ -9,10 +9,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY, rewind_copy, run_service, service_env
-from shared.protocol import RunLayout, verify_checkpoint
+from shared.protocol import RunLayout, list_ready_checkpoints, verify_checkpoint
 
 
-def torchrun(cfg, nproc=2, check=True):
+def torchrun(cfg, nproc=2, check=True, env_extra=None):
     proc = subprocess.run(
         [
             sys.executable,
@@ -26,7 +26,7 @@ def torchrun(cfg, nproc=2, check=True):
             str(cfg),
         ],
         cwd=REPO,
-        env=service_env(),
+        env=service_env(**(env_extra or {})),
         capture_output=True,
         text=True,
         timeout=300,
@@ -112,6 +112,19 @@ def test_two_processes_packed_match_one_padded_when_ranks_pack_into_different_nu
     b = load_file(RunLayout(packed).checkpoint_dir(6) / "model.safetensors")
     for name in a:
         assert (a[name] - b[name]).abs().max() < 1e-4, name
+
+
+def test_two_processes_skip_a_save_together(tmp_path, make_config):
+    """checkpoint_when_busy=skip with two ranks: both see the save in flight the same way (the decision is
+    all-reduced), skip the same steps, and finish with whole checkpoints; no rank waits in a collective alone."""
+    cfg = make_config({"training": {"checkpoint_when_busy": "skip"}})
+    out = torchrun(cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"}).stdout
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6]
+    assert "2 not saved, the disk being behind: steps [2, 4]" in out
+    for step in (0, 6):
+        manifest = verify_checkpoint(layout.checkpoint_dir(step))
+        assert {"trainer_state/state_rank00000.pt", "trainer_state/state_rank00001.pt"} <= set(manifest["files"])
 
 
 def test_sharded_checkpoint_layout(sharded_run):

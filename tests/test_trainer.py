@@ -127,13 +127,37 @@ def test_a_save_due_while_the_previous_is_written_is_skipped_and_said_not_waited
     out = run_service("trainer", "--config", cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"}).stdout
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6]
     for step in (2, 4):
-        assert f"warning: step {step} not saved: the checkpoint of step 0 is still being written" in out
+        assert f"warning: step {step} not saved: the checkpointer is still writing step 0" in out
     assert "2 not saved, the disk being behind: steps [2, 4]" in out
     rows = [json.loads(line) for line in (layout.run_dir / "train_log.jsonl").read_text().splitlines()]
     skipped = {r["train_step"]: r["train/checkpoints_skipped"] for r in rows if "train/checkpoints_skipped" in r}
     assert skipped == {2: 1, 4: 2}
     assert [r["train_step"] for r in rows if "train/checkpoint_blocked_s" in r] == [6]
     assert not [p for p in layout.checkpoints_dir.iterdir() if p.name.startswith(".tmp")]
+    # the run's skipped steps are recorded in its checkpoints and survive a resume
+    more = make_config({"training": {"checkpoint_when_busy": "skip", "max_steps": 8}}, name="more.yaml")
+    assert "2 not saved, the disk being behind: steps [2, 4]" in run_service("trainer", "--config", more).stdout
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6, 8]
+
+
+def test_a_stop_after_a_skipped_save_saves_the_step_it_stops_at(tmp_path, make_config):
+    """Ctrl-C finishes the save in flight; when the newest due save was skipped, the step the run stops at is
+    saved too, so a resume does not go back to the save before the skipped one."""
+    cfg = make_config({"training": {"checkpoint_when_busy": "skip", "max_steps": 400}})
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    log = tmp_path / "t.log"
+    proc = start_service("trainer", "--config", cfg, log=log, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"})
+    try:
+        wait_for(lambda: "not saved: the checkpointer is still writing step 0" in log.read_text(), 120, "a skip")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+    out = log.read_text()
+    stopped_at = int(out.split("stopped at step ")[1].split()[0])
+    assert f"saving step {stopped_at}: the newest due checkpoint (step " in out
+    assert list(list_ready_checkpoints(layout.checkpoints_dir))[-1] == stopped_at > 0
+    verify_checkpoint(layout.checkpoint_dir(stopped_at))
 
 
 def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_path, make_config):

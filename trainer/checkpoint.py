@@ -3,9 +3,9 @@
 The training loop pays only for the snapshot. On GPU the copies run on a side CUDA stream into pinned
 buffers that are reused from save to save, so even that overlaps with the next forward/backward; the
 loop waits for the copy (on the device, not the host) just before the next optimizer step changes
-the weights. At most one save is in flight. A save due while the previous one is still being written either
-is skipped (when_busy="skip": the loop is never held for the disk) or waits for it ("wait"); a final save
-always waits. Every skip is returned to the loop, which says so: a skipped step is never silent.
+the weights. At most one save is in flight. A save due while the previous one is still at work (writing, then
+retention) either is skipped (when_busy="skip": the loop is not held for the disk) or waits for it ("wait"); a
+final save always waits. Every skip is returned to the loop, which says so: a skipped step is never silent.
 
 Everything on disk goes through shared.protocol: write into .tmp_step_N, publish (fsync, rename,
 fsync, READY). A failed write removes the temporary directory and is re-raised in the training loop.
@@ -166,8 +166,9 @@ class AsyncCheckpointer:
         self._model_snapshot = _Snapshot()
         self._state_snapshot = _Snapshot()
         self._thread: threading.Thread | None = None
-        self._writing_step: int | None = None
-        """The step the thread in flight writes (None: none, or only the buffer allocation runs)."""
+        self._busy_with: str | None = None
+        """What the thread in flight does, for a skipped save's warning: "writing step N", "deleting old checkpoints
+        after step N"; None while only the buffer allocation runs (a save then waits for it)."""
         self._error: BaseException | None = None
         self.last_published: int | None = None
 
@@ -194,7 +195,7 @@ class AsyncCheckpointer:
         """After the save in flight (step 0's: it still reads the buffers), buffers for the full state."""
         if in_flight is not None:
             in_flight.join()
-        self._writing_step = None  # a save due from now on waits for the allocation; it is not skipped
+        self._busy_with = None  # a save due from now on waits for the allocation; it is not skipped
         try:
             self._model_snapshot.allocate(weights)
             self._state_snapshot.allocate(state)
@@ -210,14 +211,14 @@ class AsyncCheckpointer:
         final: bool = False,
     ) -> dict[str, Any]:
         """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held; or, when
-        the previous save is still being written, when_busy is "skip" and this save is not `final`:
-        {skipped_for: the step being written}, and nothing is saved. Collective with several ranks."""
+        the previous save is still at work (writing, or retention after it), when_busy is "skip" and this save is
+        not `final`: {skipped: what the checkpointer is still doing}, and nothing is saved. Collective with
+        several ranks."""
         t0 = time.perf_counter()
-        writing = self._writing_step if self._thread is not None and self._thread.is_alive() else None
-        # Ranks decide together (one rank skipping while another writes would leave a torn checkpoint); rank 0,
-        # which waits for every shard, is the last to finish.
-        if self.when_busy == "skip" and not final and all_reduce(writing is not None, self.d, op="max"):
-            return {"skipped_for": writing if writing is not None else self.last_published}
+        busy = self._busy_with if self._thread is not None and self._thread.is_alive() else None
+        # Ranks decide together: one rank skipping while another saves would leave a torn checkpoint.
+        if self.when_busy == "skip" and not final and all_reduce(busy is not None, self.d, op="max"):
+            return {"skipped": busy or "another rank is still writing its optimizer shard"}
         waited = self.wait()
         if self.d.enabled:
             if self.d.is_main:  # the one creator of the temporary directory, before any rank writes into it
@@ -233,7 +234,7 @@ class AsyncCheckpointer:
         self._thread = threading.Thread(
             target=self._write, args=(step, weights, state, trainer_state), name=f"ckpt-{step}", daemon=True
         )
-        self._writing_step = step
+        self._busy_with = f"writing step {step}"
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
 
@@ -254,7 +255,7 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
-            self._thread, self._writing_step = None, None
+            self._thread, self._busy_with = None, None
         self.raise_if_failed()
         return time.perf_counter() - t0
 
@@ -296,6 +297,7 @@ class AsyncCheckpointer:
             self._wait_for_shards(tmp)
             publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash, hashed)
             self.last_published = step
+            self._busy_with = f"deleting old checkpoints after step {step}"
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             if self.d.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -73,7 +73,7 @@ def shard_model(
     for i, unit in enumerate(units):
         fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(units) - 1)
     fully_shard(root, mp_policy=policy)
-    firsts = [unit[0] for unit in units]  # a unit's hooks and state live on its first layer
+    firsts = [unit[0] for unit in units]  # the layers of a unit share its FSDP state: any one stands for it
     for here, after in zip([root, *firsts], firsts):
         here.set_modules_to_forward_prefetch([after])
     if reshard_after_forward:

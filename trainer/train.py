@@ -364,7 +364,10 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     flops_per_token = 6 * num_params
     peak_flops = peak_bf16_flops(device)
     interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
-    skipped_steps: list[int] = []  # checkpoints not saved because the previous one was still being written
+    # Due checkpoints not saved because the previous save was still at work, over the whole run (resumes included:
+    # every checkpoint records the list so far).
+    skipped_steps: list[int] = read_trainer_meta(resume_from).get("checkpoints_skipped", []) if resume_from else []
+    last_saved = start_step  # the newest step whose save was started
     # disable=None: a bar on a terminal only (piped, as in `make demo`, it would garble the other service's lines)
     bar = tqdm(
         total=tc.max_steps,
@@ -414,22 +417,23 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                saved = checkpointer.save(
-                    step, model, optimizer, {"step": step, **trainer_state}, final=step == tc.max_steps
-                )
-                if "skipped_for" in saved:
-                    skipped_steps.append(step)
+                meta = {"step": step, **trainer_state, "checkpoints_skipped": skipped_steps}
+                saved = checkpointer.save(step, model, optimizer, meta, final=step == tc.max_steps)
+                if "skipped" in saved:
+                    skipped_steps = [*skipped_steps, step]
                     metrics["train/checkpoints_skipped"] = len(skipped_steps)
                     log(
-                        f"warning: step {step} not saved: the checkpoint of step {saved['skipped_for']} is still being "
-                        f"written (writing takes longer than training.eval_every={tc.eval_every} steps here); raise "
-                        "eval_every, write to a faster disk, or set training.checkpoint_when_busy=wait to keep every "
-                        "checkpoint and let the loop wait"
+                        f"warning: step {step} not saved: the checkpointer is still {saved['skipped']} (a save takes "
+                        f"longer than training.eval_every={tc.eval_every} steps here); raise eval_every, write to a "
+                        "faster disk, or set training.checkpoint_when_busy=wait to keep every checkpoint and let the "
+                        "loop wait"
                     )
                 else:
+                    last_saved = step
                     metrics["train/checkpoint_blocked_s"] = saved["blocked_s"]
                     metrics["train/checkpoint_waited_s"] = saved["waited_for_previous_s"]
-                    if saved["waited_for_previous_s"] > 1.0:  # checkpoint_when_busy=wait on a slow disk: say so
+                    slow_disk = tc.checkpoint_when_busy == "wait" and step != tc.max_steps
+                    if slow_disk and saved["waited_for_previous_s"] > 1.0:
                         log(
                             f"warning: the checkpoint of step {step} waited {saved['waited_for_previous_s']:.1f}s for "
                             f"the previous save to finish: writing takes longer than training.eval_every="
@@ -471,6 +475,10 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                 profiler.step()
         if step < tc.max_steps:
             log(f"\nstopped at step {step} (Ctrl-C or SIGTERM): finishing the pending checkpoint")
+            if skipped_steps and skipped_steps[-1] > last_saved:  # resuming from the last save would lose more
+                log(f"saving step {step}: the newest due checkpoint (step {skipped_steps[-1]}) was not saved")
+                meta = {"step": step, **trainer_state, "checkpoints_skipped": skipped_steps}
+                checkpointer.save(step, model, optimizer, meta, final=True)
     except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever this rank was
         log(f"\ninterrupted during step {step + 1}: finishing the pending checkpoint")
     finally:
