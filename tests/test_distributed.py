@@ -118,7 +118,8 @@ def test_two_processes_skip_a_save_together(tmp_path, make_config):
     """checkpoint_when_busy=skip with two ranks: both see the save in flight the same way (the decision is
     all-reduced), skip the same steps, and finish with whole checkpoints; no rank waits in a collective alone."""
     cfg = make_config({"training": {"checkpoint_when_busy": "skip"}})
-    out = torchrun(cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"}).stdout
+    # 2 s per file: step 0's save outlasts steps 1-4 even with FSDP's first-step set-up on a loaded machine
+    out = torchrun(cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "2.0"}).stdout
     layout = RunLayout(tmp_path / "runs" / "tiny")
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6]
     assert "2 not saved, the disk being behind: steps [2, 4]" in out

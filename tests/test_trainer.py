@@ -5,6 +5,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -142,7 +143,7 @@ def test_a_save_due_while_the_previous_is_written_is_skipped_and_said_not_waited
 
 def test_a_stop_after_a_skipped_save_saves_the_step_it_stops_at(tmp_path, make_config):
     """Ctrl-C finishes the save in flight; when the newest due save was skipped, the step the run stops at is
-    saved too, so a resume does not go back to the save before the skipped one."""
+    saved too, so a resume does not go back to the save before the skipped one. A second Ctrl-C does not stop it."""
     cfg = make_config({"training": {"checkpoint_when_busy": "skip", "max_steps": 400}})
     layout = RunLayout(tmp_path / "runs" / "tiny")
     log = tmp_path / "t.log"
@@ -150,12 +151,18 @@ def test_a_stop_after_a_skipped_save_saves_the_step_it_stops_at(tmp_path, make_c
     try:
         wait_for(lambda: "not saved: the checkpointer is still writing step 0" in log.read_text(), 120, "a skip")
         proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "saving step" in log.read_text(), 60, "the stop's save")
+        # a second Ctrl-C (past the 3 s that make a repeat the same request) while step 0's save is still being
+        # written: the stop's save is a collective with several ranks and must not be interrupted
+        time.sleep(3.5)
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0
     finally:
         proc.kill()
     out = log.read_text()
     stopped_at = int(out.split("stopped at step ")[1].split()[0])
     assert f"saving step {stopped_at}: the newest due checkpoint (step " in out
+    assert "interrupted during" not in out
     assert list(list_ready_checkpoints(layout.checkpoints_dir))[-1] == stopped_at > 0
     verify_checkpoint(layout.checkpoint_dir(stopped_at))
 

@@ -215,7 +215,9 @@ class AsyncCheckpointer:
         not `final`: {skipped: what the checkpointer is still doing}, and nothing is saved. Collective with
         several ranks."""
         t0 = time.perf_counter()
-        busy = self._busy_with if self._thread is not None and self._thread.is_alive() else None
+        busy = self._busy_with  # read before is_alive: a thread ending in between is then idle, never "busy"
+        if self._thread is None or not self._thread.is_alive():
+            busy = None
         # Ranks decide together: one rank skipping while another saves would leave a torn checkpoint.
         if self.when_busy == "skip" and not final and all_reduce(busy is not None, self.d, op="max"):
             return {"skipped": busy or "another rank is still writing its optimizer shard"}

@@ -226,6 +226,13 @@ def num_real_tokens(mb: dict, pad_id: int) -> int:
     return int((mb["labels"] != pad_id).sum()) + len(mb["labels"])
 
 
+def ignore_stop_signals() -> None:
+    """From here on a second Ctrl-C or SIGTERM no longer interrupts (SIGKILL does): what follows (the pending
+    checkpoint, a collective with several ranks) must finish on every rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train the run of `cfg`, resuming from its newest valid checkpoint. Only one trainer holds a run."""
     d = init_distributed()
@@ -477,21 +484,21 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             log(f"\nstopped at step {step} (Ctrl-C or SIGTERM): finishing the pending checkpoint")
             if skipped_steps and skipped_steps[-1] > last_saved:  # resuming from the last save would lose more
                 log(f"saving step {step}: the newest due checkpoint (step {skipped_steps[-1]}) was not saved")
+                ignore_stop_signals()  # a rank interrupted inside this collective save would leave the others in it
                 meta = {"step": step, **trainer_state, "checkpoints_skipped": skipped_steps}
                 checkpointer.save(step, model, optimizer, meta, final=True)
     except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever this rank was
         log(f"\ninterrupted during step {step + 1}: finishing the pending checkpoint")
     finally:
-        # The pending checkpoint must be finished: a second Ctrl-C or SIGTERM no longer interrupts (SIGKILL does).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()  # the pending checkpoint must be finished
         bar.close()
         waited = checkpointer.wait()
         if tracker:
             tracker.finish()
         shutdown(d)
+    newest = f"steps {skipped_steps}" if len(skipped_steps) <= 10 else f"the newest: steps {skipped_steps[-10:]}"
     log(
         f"done at step {step}; last checkpoint: step {checkpointer.last_published} (final save took {waited:.2f}s more)"
-        + (f"; {len(skipped_steps)} not saved, the disk being behind: steps {skipped_steps}" if skipped_steps else "")
+        + (f"; {len(skipped_steps)} not saved, the disk being behind: {newest}" if skipped_steps else "")
     )
     return {"step": step, "last_checkpoint": checkpointer.last_published}
