@@ -47,7 +47,7 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
 
     from vllm import SamplingParams
 
-    from evaluator.backends import SetRequests, VLLMBackend
+    from evaluator.backends import VLLMBackend
     from evaluator.service import request_seed
 
     model_dir = make_qwen15_dir(work / "q15")
@@ -62,12 +62,13 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
     seeds = [request_seed(0, "bench", i, 0) for i in range(num_prompts)]
     tok = backend.llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-    backend.generate([SetRequests(prompts[:8], seeds[:8], sampling)])  # warm-up
+    backend.generate(prompts[:8], seeds[:8], sampling)  # warm-up
     # Two sets of unlike lengths, as MATH-500 and AIME: one call per set (the evaluator) or both in one call.
-    short = SetRequests(prompts, seeds, dataclasses.replace(sampling, max_tokens=512))
-    long = SetRequests(
-        prompts[: num_prompts // 4], seeds[: num_prompts // 4], dataclasses.replace(sampling, max_tokens=1536)
-    )
+    # (prompts, seeds, sampling) of each set
+    two_sets = [
+        (prompts, seeds, dataclasses.replace(sampling, max_tokens=512)),
+        (prompts[: num_prompts // 4], seeds[: num_prompts // 4], dataclasses.replace(sampling, max_tokens=1536)),
+    ]
 
     def raw(seeded: bool) -> int:
         """Token prompts, ignore_eos, no detokenization: the fastest vLLM can be asked to go."""
@@ -92,24 +93,20 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
     gens = []
 
     def evaluator() -> int:
-        gens[:] = backend.generate([SetRequests(prompts, seeds, sampling)])[0]  # per-request seeds
+        gens[:] = backend.generate(prompts, seeds, sampling)  # per-request seeds
         return sum(g.num_tokens for g in gens)
-
-    def count(sets: list[list]) -> int:
-        return sum(g.num_tokens for gs in sets for g in gs)
 
     kinds = {
         "raw_fastest": lambda: raw(seeded=False),
         "raw_seeded": lambda: raw(seeded=True),
         "raw_same_requests": raw_same_requests,
         "evaluator": evaluator,
-        "two_sets_call_per_set": lambda: count(backend.generate([short, long])),
+        "two_sets_call_per_set": lambda: sum(g.num_tokens for s in two_sets for g in backend.generate(*s)),
         "two_sets_one_call": lambda: sum(
             len(o.outputs[0].token_ids)
             for o in backend.llm.generate(
-                short.prompts + long.prompts,
-                backend.sampling_params(short.seeds, short.sampling)
-                + backend.sampling_params(long.seeds, long.sampling),
+                [p for ps, _, _ in two_sets for p in ps],
+                [p for _, ss, sc in two_sets for p in backend.sampling_params(ss, sc)],
                 use_tqdm=False,
             )
         ),
@@ -125,7 +122,7 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
     def ratio(a: str, b: str) -> float:
         return round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 3)
 
-    again = backend.generate([SetRequests(prompts[:64], seeds[:64], sampling)])[0]
+    again = backend.generate(prompts[:64], seeds[:64], sampling)
     t0 = time.perf_counter()
     how = backend.load(model_dir)
     reload_s = time.perf_counter() - t0

@@ -29,15 +29,6 @@ class EngineError(RuntimeError):
 
 
 @dataclass
-class SetRequests:
-    """The requests of one evaluation set: request i is prompts[i], sampled with seeds[i], as `sampling` says."""
-
-    prompts: list[str]
-    seeds: list[int]
-    sampling: EvalSetConfig
-
-
-@dataclass
 class Generation:
     text: str
     num_tokens: int
@@ -121,17 +112,17 @@ class HFBackend:
             raise EngineError(f"{ckpt_dir}: cannot load model: {exc}") from exc
 
     def generate(
-        self, requests: list[SetRequests], progress: Callable[[int], None] | None = None
-    ) -> list[list[Generation]]:
-        """One response per request, set by set. transformers samples a batch from one random stream: each batch
-        is seeded with its first request's seed, so the same prompts, seeds and hf_batch_size give the same
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        sampling: EvalSetConfig,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """One response per prompt. transformers samples a batch from one random stream: each batch is
+        seeded with its first request's seed, so the same prompts, seeds and hf_batch_size give the same
         responses (reproducible across restarts; not per request, as with vLLM)."""
-        return [self._generate_set(r, progress) for r in requests]
-
-    def _generate_set(self, requests: SetRequests, progress: Callable[[int], None] | None) -> list[Generation]:
         import torch
 
-        prompts, seeds, sampling = requests.prompts, requests.seeds, requests.sampling
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         options = (
@@ -301,35 +292,35 @@ class VLLMBackend:
             raise EngineError(f"{ckpt_dir}: vLLM cannot load it: {exc}") from exc
 
     def generate(
-        self, requests: list[SetRequests], progress: Callable[[int], None] | None = None
-    ) -> list[list[Generation]]:
-        """One response per request, one engine call per set: a set's samples depend on its own requests only (the
-        batch around a request changes its bf16 logits slightly), so adding a set never changes another's. One
-        call for all sets was measured no faster (0.98x, BENCHMARKS.md). Request i is sampled with noise seeded by
-        its seed: the same requests submitted together give the same samples whatever the engine ran before (a
-        restarted evaluator does that); another batch around them can change long samples (BENCHMARKS.md).
-        Seeds cost 1-17 % of raw generation in vLLM 0.26 (measured on H100 and H200)."""
-        return [self._generate_set(r, progress) for r in requests]
-
-    def _generate_set(self, requests: SetRequests, progress: Callable[[int], None] | None) -> list[Generation]:
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        sampling: EvalSetConfig,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """One response per prompt, request i sampled with noise seeded by seeds[i]: the same requests
+        submitted together give the same samples whatever the engine ran before (a restarted evaluator does
+        that). Another batch around them changes the bf16 logits slightly, so long samples can then differ
+        (BENCHMARKS.md); the evaluator therefore calls it once per set, so that adding a set never changes
+        another's samples (one call for all sets was measured no faster: 0.98x). Seeds cost 1-17 % of raw
+        generation in vLLM 0.26 (measured on H100 and H200)."""
         try:
-            outputs = self.llm.generate(
-                requests.prompts, self.sampling_params(requests.seeds, requests.sampling), use_tqdm=False
-            )
+            outputs = self.llm.generate(prompts, self.sampling_params(seeds, sampling), use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - e.g. a tensor-parallel worker died
             self.close()  # the next checkpoint starts a fresh engine
             raise EngineError(
                 f"vLLM engine failed while generating ({type(exc).__name__}: {exc}); it will be restarted"
             ) from exc
-        if len(outputs) != len(requests.prompts):  # every response is matched to its request by position
-            raise EngineError(f"vLLM returned {len(outputs)} outputs for {len(requests.prompts)} requests")
+        if len(outputs) != len(prompts):  # every response is matched to its request by position
+            raise EngineError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")
         if progress:
-            progress(len(outputs))
-        stop = requests.sampling.stop
-        return [
-            Generation(cut_at_stop(c.text, stop)[0], len(c.token_ids), truncated=c.finish_reason == "length")
-            for c in (out.outputs[0] for out in outputs)
-        ]
+            progress(len(prompts))
+        results = []
+        for out in outputs:
+            c = out.outputs[0]
+            text, _ = cut_at_stop(c.text, sampling.stop)
+            results.append(Generation(text, len(c.token_ids), truncated=c.finish_reason == "length"))
+        return results
 
     def sampling_params(self, seeds: list[int], sampling: EvalSetConfig) -> list:
         """vLLM's SamplingParams of each request `generate` submits."""

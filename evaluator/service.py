@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evaluator.backends import EngineError, Generation, SetRequests
+from evaluator.backends import EngineError
 from evaluator.grader import GraderPool, extract_answer, vote_key
 from evaluator.metrics import breakdown_fields, changes, failure_kind, read_samples, result_sets, set_metrics
 from evaluator.scheduler import claim_next, claim_step, give_back, holds_claim
@@ -194,42 +194,10 @@ class Evaluator:
         ec = self.cfg.evaluation
         t_start = time.perf_counter()
         how, reload_s = self._load_checked(ckpt_dir, weights_id)
-        # n requests per problem, each with its own seed: a set's samples depend on its requests, not on history.
-        # Generated set by set (backends.py says why), graded in one pass.
-        seed = ec.seed
-        requests = [
-            [(ex, prompt, j) for ex, prompt in zip(s.examples, s.prompts) for j in range(s.cfg.n)] for s in self.sets
-        ]
-        t0 = time.perf_counter()
-        with tqdm(total=sum(map(len, requests)), desc=f"step {step} generate", leave=False, dynamic_ncols=True) as bar:
-            generations = self.backend.generate(
-                [
-                    SetRequests(
-                        [prompt for _, prompt, _ in reqs],
-                        [request_seed(seed, s.name, ex.index, j) for ex, _, j in reqs],
-                        s.cfg,
-                    )
-                    for s, reqs in zip(self.sets, requests, strict=True)
-                ],
-                bar.update,
-            )
-        generate_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with tqdm(total=sum(map(len, requests)), desc=f"step {step} grade", leave=False, dynamic_ncols=True) as bar:
-            rewards, problems = self.grader.grade(
-                [g.text for gens in generations for g in gens],
-                [ex.answer for reqs in requests for ex, _, _ in reqs],
-                bar.update,
-            )
-        grade_s = time.perf_counter() - t0
-        results, samples, first = {}, {}, 0
-        for eval_set, reqs, gens in zip(self.sets, requests, generations, strict=True):
-            end = first + len(reqs)
-            results[eval_set.name], samples[eval_set.name] = self._set_result(
-                step, eval_set, reqs, gens, rewards[first:end], problems[first:end], eval_dir
-            )
-            first = end
-        num_tokens = sum(g.num_tokens for gens in generations for g in gens)
+        results, samples = {}, {}
+        for eval_set in self.sets:
+            results[eval_set.name], samples[eval_set.name] = self._evaluate_set(step, eval_set, eval_dir)
+        generate_s = sum(r["timings_s"]["generation"] for r in results.values())
         result = {
             "step": step,
             "checkpoint": str(ckpt_dir),
@@ -243,26 +211,35 @@ class Evaluator:
             "timings_s": {
                 "reload": reload_s,
                 "generation": generate_s,
-                "grading": grade_s,
+                "grading": sum(r["timings_s"]["grading"] for r in results.values()),
                 "total": time.perf_counter() - t_start,
             },
-            "generated_tokens_per_s": num_tokens / max(generate_s, 1e-9),
+            "generated_tokens_per_s": sum(r["generated_tokens"] for r in results.values()) / max(generate_s, 1e-9),
             "time": time.time(),
         }
         return result, samples
 
-    def _set_result(
-        self,
-        step: int,
-        eval_set: EvalSet,
-        requests: list[tuple[Example, str, int]],
-        generations: list[Generation],
-        rewards: list[dict[str, float]],
-        problems: list[str | None],
-        eval_dir: Path,
+    def _evaluate_set(
+        self, step: int, eval_set: EvalSet, eval_dir: Path
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """One set's samples and result, from its generations and grades."""
         sc, seed = eval_set.cfg, self.cfg.evaluation.seed
+        # n requests per problem, each with its own seed: the samples depend on the set's requests, not on history.
+        requests = [(ex, prompt, j) for ex, prompt in zip(eval_set.examples, eval_set.prompts) for j in range(sc.n)]
+        prompts = [prompt for _, prompt, _ in requests]
+        seeds = [request_seed(seed, sc.name, ex.index, j) for ex, _, j in requests]
+        t0 = time.perf_counter()
+        desc = f"step {step} {sc.name}"
+        with tqdm(total=len(prompts), desc=f"{desc} generate", leave=False, dynamic_ncols=True) as bar:
+            generations = self.backend.generate(prompts, seeds, sc, bar.update)
+        generate_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with tqdm(total=len(prompts), desc=f"{desc} grade", leave=False, dynamic_ncols=True) as bar:
+            rewards, problems = self.grader.grade(
+                [g.text for g in generations], [ex.answer for ex, _, _ in requests], bar.update
+            )
+        grade_s = time.perf_counter() - t0
+
         samples = []
         for (ex, prompt, j), g, r, problem in zip(requests, generations, rewards, problems, strict=True):
             answer = extract_answer(g.text)
@@ -284,6 +261,7 @@ class Evaluator:
                 }
             )
         metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown)
+        generated_tokens = sum(g.num_tokens for g in generations)
         if metrics["grader_timeouts"] or metrics["grader_errors"]:
             print(
                 f"warning: step {step}, set {sc.name}: the grader timed out on {metrics['grader_timeouts']} and "
@@ -304,7 +282,9 @@ class Evaluator:
                 "seed": seed,
             },
             "metrics": metrics,
-            "generated_tokens": sum(g.num_tokens for g in generations),
+            "timings_s": {"generation": generate_s, "grading": grade_s},
+            "generated_tokens": generated_tokens,
+            "generated_tokens_per_s": generated_tokens / max(generate_s, 1e-9),
         }
         # Flips against the nearest earlier step evaluated so far (named: with newest-first or back-fill order
         # it may not be the step just before; the report counts between consecutive steps).

@@ -435,11 +435,10 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     answers = {prompt: ex.answer for es in evaluator.sets for ex, prompt in zip(es.examples, es.prompts)}
     real_generate = backend.generate
 
-    def generate(requests, progress=None):
-        generated = real_generate(requests, progress)
-        for r, gens in zip(requests, generated):
-            for i in range(0, len(gens), 2) if r.sampling.name == "greedy" else ():
-                gens[i] = Generation(f"so </think> <answer>{answers[r.prompts[i]]}</answer>", 9, False)
+    def generate(prompts, seeds, sampling, progress=None):
+        generated = real_generate(prompts, seeds, sampling, progress)
+        for i in range(0, len(generated), 2) if sampling.name == "greedy" else ():
+            generated[i] = Generation(f"so </think> <answer>{answers[prompts[i]]}</answer>", 9, False)
         return generated
 
     backend.generate = generate
@@ -462,7 +461,7 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     assert len({s["response"] for s in sampled if s["problem"] == sampled[0]["problem"]}) > 1
     assert [s["response"] for s in sampled] == [s["response"] for s in again_samples["sampled"]]
     assert all(s["failure"] in (None, "truncated", "format", "no_answer", "wrong") for s in sampled)
-    # both sets were generated in one engine call and graded in one pass: each sample keeps its own grade
+    # each sample keeps its own grade
     from evaluator.grader import grade
 
     graded = [s for set_samples in first_samples.values() for s in set_samples]

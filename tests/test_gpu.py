@@ -63,7 +63,7 @@ def prompts(n=64):
 
 
 def test_vllm_in_place_reload_matches_transformers(gpu_run):
-    from evaluator.backends import HFBackend, SetRequests, VLLMBackend
+    from evaluator.backends import HFBackend, VLLMBackend
     from shared.config import EvaluationConfig
 
     cfg = EvaluationConfig(temperature=0.0, max_tokens=48, gpu_memory_utilization=0.3, hf_batch_size=64)
@@ -72,16 +72,15 @@ def test_vllm_in_place_reload_matches_transformers(gpu_run):
     seeds = list(range(len(ps)))
     vllm = VLLMBackend(cfg, trust_remote_code=False, num_gpus=1)
     assert vllm.load(gpu_run / "step_00000300") == "new-engine"
-    requests = [SetRequests(ps, seeds, greedy)]
-    before = [g.text for g in vllm.generate(requests)[0]]
+    before = [g.text for g in vllm.generate(ps, seeds, greedy)]
     fp_before = vllm.fingerprint(ps[0])
     assert vllm.load(gpu_run / "step_00000600") == "in-place"
-    after = [g.text for g in vllm.generate(requests)[0]]
+    after = [g.text for g in vllm.generate(ps, seeds, greedy)]
     assert vllm.fingerprint(ps[0]) != fp_before
 
     hf = HFBackend(cfg, trust_remote_code=False)
     hf.load(gpu_run / "step_00000600")
-    reference = [g.text for g in hf.generate(requests)[0]]
+    reference = [g.text for g in hf.generate(ps, seeds, greedy)]
     same = sum(a == b for a, b in zip(after, reference)) / len(ps)
     changed = sum(a != b for a, b in zip(after, before)) / len(ps)
     print(f"vLLM vs transformers identical: {same:.2%}; changed by the reload: {changed:.2%}")

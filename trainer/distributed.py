@@ -58,7 +58,7 @@ def shard_model(
     layers: list[torch.nn.Module],
     compute_dtype: torch.dtype,
     reshard_after_forward: bool,
-    layers_per_unit: int = 1,
+    layers_per_unit: int,
 ) -> None:
     """FSDP2: one unit (one all-gather, one reduce-scatter) per `layers_per_unit` consecutive decoder layers, and
     `root` (holding the other parameters) around them. Parameters stay fp32 (the optimizer's master copy);

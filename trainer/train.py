@@ -366,15 +366,20 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
     # ---------------------------------------------------------------- loop
     step = start_step
     trainer_state = {"config_hash": cfg.hash(), "config": cfg.to_dict()}
-    if tc.publish_step0 and resume_from is None:  # the base model: every evaluation curve starts here
-        checkpointer.save(0, model, optimizer, {"step": 0, **trainer_state})
-    flops_per_token = 6 * num_params
-    peak_flops = peak_bf16_flops(device)
-    interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     # Due checkpoints not saved because the previous save was still at work, over the whole run (resumes included:
     # every checkpoint records the list so far).
     skipped_steps: list[int] = read_trainer_meta(resume_from).get("checkpoints_skipped", []) if resume_from else []
     last_saved = start_step  # the newest step whose save was started
+
+    def saved_meta(at: int) -> dict[str, Any]:
+        """trainer_state.json of the checkpoint of step `at`."""
+        return {"step": at, **trainer_state, "checkpoints_skipped": skipped_steps}
+
+    if tc.publish_step0 and resume_from is None:  # the base model: every evaluation curve starts here
+        checkpointer.save(0, model, optimizer, saved_meta(0))
+    flops_per_token = 6 * num_params
+    peak_flops = peak_bf16_flops(device)
+    interval_t0, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     # disable=None: a bar on a terminal only (piped, as in `make demo`, it would garble the other service's lines)
     bar = tqdm(
         total=tc.max_steps,
@@ -424,8 +429,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
 
             metrics: dict[str, Any] = {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                meta = {"step": step, **trainer_state, "checkpoints_skipped": skipped_steps}
-                saved = checkpointer.save(step, model, optimizer, meta, final=step == tc.max_steps)
+                saved = checkpointer.save(step, model, optimizer, saved_meta(step), final=step == tc.max_steps)
                 if "skipped" in saved:
                     skipped_steps = [*skipped_steps, step]
                     metrics["train/checkpoints_skipped"] = len(skipped_steps)
@@ -485,8 +489,7 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
             if skipped_steps and skipped_steps[-1] > last_saved:  # resuming from the last save would lose more
                 log(f"saving step {step}: the newest due checkpoint (step {skipped_steps[-1]}) was not saved")
                 ignore_stop_signals()  # a rank interrupted inside this collective save would leave the others in it
-                meta = {"step": step, **trainer_state, "checkpoints_skipped": skipped_steps}
-                checkpointer.save(step, model, optimizer, meta, final=True)
+                checkpointer.save(step, model, optimizer, saved_meta(step), final=True)
     except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever this rank was
         log(f"\ninterrupted during step {step + 1}: finishing the pending checkpoint")
     finally:
