@@ -1,5 +1,6 @@
-"""Grader throughput: 5,000 realistic MATH-style responses (right, wrong and badly formatted), graded with
-1 worker and with every core.   python -m bench.bench_grader [--num 5000]"""
+"""Grader throughput and audit: 5,000 realistic MATH-style responses (right, wrong and badly formatted), graded
+with 1 worker and with every core, with the audit on and off (the audit's cost), and our verdicts' agreement with
+math-verify alone and with a plain string match.   python -m bench.bench_grader [--num 5000]"""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import random
 import time
 
 from bench.common import report
-from evaluator.grader import GraderPool
+from evaluator.audit import audit_metrics
+from evaluator.grader import GraderPool, grader_version
 
 # (ground truth, a right answer written differently, a wrong answer), MATH-style.
 ANSWERS = [
@@ -60,6 +62,17 @@ def make_cases(num: int, seed: int = 0) -> tuple[list[str], list[str]]:
     return responses, truths
 
 
+def _timed(workers: int, audit: bool, responses: list[str], truths: list[str]) -> tuple[float, list, list]:
+    pool = GraderPool(workers, timeout_s=5.0, audit=audit)
+    try:
+        pool.grade(responses[:50], truths[:50])  # warm the workers' imports and caches
+        t0 = time.perf_counter()
+        grades, problems = pool.grade(responses, truths)
+        return time.perf_counter() - t0, grades, problems
+    finally:
+        pool.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num", type=int, default=5000)
@@ -67,20 +80,21 @@ def main() -> None:
     responses, truths = make_cases(args.num)
     figures = {}
     for workers in sorted({1, os.cpu_count() or 1}):
-        pool = GraderPool(workers, timeout_s=5.0)
-        pool.grade(responses[:50], truths[:50])  # warm the workers' imports and caches
-        t0 = time.perf_counter()
-        rewards, problems = pool.grade(responses, truths)
-        seconds = time.perf_counter() - t0
-        pool.close()
+        plain_s, _, _ = _timed(workers, False, responses, truths)
+        seconds, grades, problems = _timed(workers, True, responses, truths)
+        samples = [{"problem": i, "sample": 0, **g} for i, g in enumerate(grades)]
+        audit = audit_metrics(samples)
         figures[f"workers_{workers}"] = {
-            "seconds": round(seconds, 2),
+            "seconds_audit_off": round(plain_s, 2),
+            "seconds_audit_on": round(seconds, 2),
+            "audit_cost": f"+{100 * (seconds / plain_s - 1):.0f} %",
             "cases_per_s": round(args.num / seconds),
             "grader_timeouts": problems.count("timeout"),
             "grader_errors": problems.count("error"),
-            "accuracy": round(sum(r["reward"] for r in rewards) / args.num, 3),
+            "accuracy": round(sum(g["reward"] for g in grades) / args.num, 3),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in audit.items()},
         }
-    report("grader", num=args.num, **figures, command="python -m bench.bench_grader")
+    report("grader", num=args.num, grader_version=grader_version(), **figures, command="python -m bench.bench_grader")
 
 
 if __name__ == "__main__":

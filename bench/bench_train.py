@@ -4,11 +4,13 @@
     python -m bench.bench_train --tag alone     # step time only (used by the interference benchmark)
     python -m bench.bench_train --gpus 3        # tokens/s per GPU with FSDP2 on 3 GPUs (compare with --gpus 1)
     python -m bench.bench_train --lengths ../shared/data/math500/sft_lengths.json   # real SFT lengths
+    ... --lengths ... --set training.batch_size=32 --profile   # the recipe's batch; a profile of 3 later steps
     ... --set training.micro_batch_tokens=null --set training.compile=true          # any trainer setting
 
 Batch 8 x 1024 tokens, bf16, fused AdamW: the plain transformers loop of ../shared/gpu/baseline_qwen1p5b.py
-("train" mode) is the baseline; run it in the same call on the same card. With --lengths: 8 examples a step
-whose prompt and response token counts are those of the file, in the baseline's order ("trainvar" mode).
+("train" mode) is the baseline; run it in the same call on the same card. With --lengths: 8 examples a step (or
+training.batch_size) whose prompt and response token counts are those of the file, in the baseline's order
+("trainvar" mode) for the first epoch; bench_trl runs TRL's SFTTrainer on the same examples in the same order.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ for 5 more, so that the final checkpoint's save falls outside the timed steps.""
 
 def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: int) -> tuple[Path, list[int]]:
     """Records with the prompt/response token counts of `lengths_file`, placed so that the trainer's seeded
-    data order visits them in the baseline script's order (its shuffle of the pairs with random.Random(0))."""
+    data order visits them in the baseline script's order (its shuffle of the pairs with random.Random(0)) in its
+    first epoch. Returns the file and each record's token count, in the file's order."""
     import random
 
     import yaml  # noqa: F401 - the trainer's config reader; imported here to fail early if missing
@@ -57,7 +60,15 @@ def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: i
                 )
                 + "\n"
             )
-    return path, [p + r for p, r in pairs]
+    return path, [p + r for p, r in slots]
+
+
+def visited(values: list, num: int, seed: int) -> list:
+    """values[i] of each of the first `num` records the trainer visits (its seeded DataOrder, epoch after epoch)."""
+    from trainer.train import DataOrder
+
+    order = DataOrder(len(values), seed)
+    return [values[order[p]] for p in range(num)]
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -82,6 +93,19 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def report_profile(profile_dir: Path, tag: str, label: str) -> None:
+    """The GPU time of a profiled step by kind (bench.common.profile_breakdown), and the profiler's tables in $OUT."""
+    from bench.common import out_dir, profile_breakdown
+
+    shutil.copy(profile_dir / "profile.txt", out_dir() / f"profile_{tag}.txt")
+    report(
+        "train_profile",
+        tag=tag,
+        settings=label or "defaults",
+        ms_per_step=profile_breakdown(profile_dir / "trace.json"),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench_train")
@@ -93,6 +117,9 @@ def main() -> None:
         "--lengths", default=None, help="sft_lengths.json: real prompt/response lengths instead of 8 x 1024"
     )
     parser.add_argument("--set", action="append", default=[], help="trainer setting, e.g. training.compile=true")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile 3 steps after the timed ones (--tag/--lengths)"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -128,24 +155,39 @@ def main() -> None:
         },
         "wandb": {"mode": "disabled"},
     }
-    cfg = write_config(work / "cfg.yaml", deep_merge(settings, parse_sets(args.set)))
+    merged = deep_merge(settings, parse_sets(args.set))
+    cfg = write_config(work / "cfg.yaml", merged)
     label = " ".join(f"--set {s}" for s in args.set)
     env = {"TQDM_DISABLE": "1"}
+    profile_dir = work / f"profile_{args.tag or 'real'}"
+    if args.profile and not stall:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+        # after the timed steps (real lengths: 6-25 of 30; fixed: 6-15 of 25), before the run's last step
+        env.update(MATH_SFT_PROFILE_DIR=str(profile_dir), MATH_SFT_PROFILE_WAIT="25" if args.lengths else "15")
     if args.gpus > 1:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(args.gpus)))
     run([sys.executable, "-m", "trainer", "--config", str(cfg)], work / f"train_{args.tag or 'stall'}.log", env=env)
     rows = {r["train_step"]: r for r in map(json.loads, (runs / "bench" / "train_log.jsonl").read_text().splitlines())}
+    if args.profile and not stall:
+        report_profile(profile_dir, args.tag or "real", label)
     if args.lengths:
         timed = [rows[s] for s in range(10, REAL_STEPS + 1, 5)]  # steps 6-25
         seconds = sum(r["train/step_s"] * 5 for r in timed)
-        # each GPU's 8 examples of each timed step
-        passes = [lengths[i * 8 : (i + 1) * 8] for i in range(5 * args.gpus, REAL_STEPS * args.gpus)]
+        per_gpu = merged["training"]["batch_size"] // args.gpus
+        micro = merged["training"]["micro_batch_size"]
+        seen = visited(lengths, REAL_STEPS * per_gpu * args.gpus, seed=0)
+        # each GPU's examples of each timed step
+        passes = [seen[i * per_gpu : (i + 1) * per_gpu] for i in range(5 * args.gpus, REAL_STEPS * args.gpus)]
         useful = sum(map(sum, passes))
-        packed = bool(deep_merge(settings, parse_sets(args.set))["training"]["micro_batch_tokens"])
-        computed = useful if packed else sum(8 * max(p) for p in passes)  # padded: every row as long as the longest
+        packed = bool(merged["training"]["micro_batch_tokens"])
+        # padded: every row of a micro-batch as long as its longest
+        computed = (
+            useful if packed else sum(micro * max(p[i : i + micro]) for p in passes for i in range(0, len(p), micro))
+        )
         report(
             "train_real_lengths",
             gpus=args.gpus,
+            examples_per_step=merged["training"]["batch_size"],
             useful_tokens_per_s=round(useful / seconds),
             useful_tokens_per_s_per_gpu=round(useful / seconds / args.gpus),
             step_s=round(seconds / 20, 4),

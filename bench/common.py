@@ -131,3 +131,58 @@ def run(
         sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); log: {log}")
     return proc
+
+
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attn", "varlen")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk")),
+    ("compiled (triton)", ("triton",)),
+)
+"""Kernel name fragments (lower case) of each kind; the first match wins, the rest is 'other elementwise/copies'."""
+SPANS = ("lm_head", "lm_head_backward", "optimizer_step")
+"""record_function spans of the trainer whose GPU time is counted apart (trainer/logprobs.py, trainer/train.py)."""
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other elementwise/copies"
+
+
+def profile_breakdown(trace_path: Path) -> dict:
+    """GPU time per profiled step by kind (ms), from a torch profiler chrome trace: the trainer's spans (LM head,
+    its backward, the optimizer step) first, then the kernels outside them by name; 'host gaps' is the wall time
+    of the profiled steps in which no kernel ran."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    steps = [  # the host's spans only (each step has a GPU-side span of the same name too)
+        e
+        for e in events
+        if e.get("name", "").startswith("ProfilerStep#")
+        and e.get("ph") == "X"
+        and e.get("cat") != "gpu_user_annotation"
+    ]
+    kernels = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X"),
+        key=lambda e: e["ts"],
+    )
+    spans = [e for e in events if e.get("cat") == "gpu_user_annotation" and e.get("name") in SPANS]
+    start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    totals: dict[str, float] = {}
+    busy, covered_to = 0.0, start
+    for k in kernels:
+        if k["ts"] < start or k["ts"] > end:
+            continue
+        mid = k["ts"] + k["dur"] / 2
+        span = next((s["name"] for s in spans if s["ts"] <= mid <= s["ts"] + s["dur"]), None)
+        kind = span or kernel_kind(k["name"])
+        totals[kind] = totals.get(kind, 0.0) + k["dur"]
+        busy += max(0.0, k["ts"] + k["dur"] - max(k["ts"], covered_to))
+        covered_to = max(covered_to, k["ts"] + k["dur"])
+    num_steps = len(steps)
+    out = {kind: round(us / 1000 / num_steps, 2) for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+    out["gpu busy"] = round(busy / 1000 / num_steps, 2)
+    out["host gaps (GPU idle)"] = round((end - start - busy) / 1000 / num_steps, 2)
+    out["step wall"] = round((end - start) / 1000 / num_steps, 2)
+    return out

@@ -13,15 +13,22 @@ Definitions (the same for every set, backend and n):
   fraction of the tied answers that are right (the expected accuracy of breaking the tie at random).
 - A problem is solved at a checkpoint when at least half of its samples are right; learned = unsolved at
   the earlier checkpoint and solved at the later one, forgotten = the reverse.
+- <metric>_ci_low / <metric>_ci_high (accuracy, pass@k, maj@k): the 95 % bootstrap interval (evaluator/stats.py).
+- accuracy_at_budget/<b>: accuracy had generation stopped at b tokens: a sample is right at b when it is right
+  and used at most b tokens (a longer one would have been cut: truncated, wrong). From the same samples.
+- With a split (select_fraction): select/<metric> on the selection part (what best/keep_best rank by) and
+  heldout/<metric> (with its interval) on the rest; a problem is on one side only, the same at every step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from evaluator import stats
 from shared.config import reported_ks
 from shared.data import jsonl_records
 
@@ -98,8 +105,19 @@ def breakdown_fields(fields_by_problem: dict[int, dict[str, Any]], chosen: list[
 
 
 def set_metrics(
-    samples: list[dict[str, Any]], n: int, fields_by_problem: dict[int, dict[str, Any]], breakdown: list[str]
+    samples: list[dict[str, Any]],
+    n: int,
+    fields_by_problem: dict[int, dict[str, Any]],
+    breakdown: list[str],
+    *,
+    token_budgets: list[int] | None = None,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    select_fraction: float | None = None,
 ) -> dict[str, Any]:
+    """Every metric of the module docstring. `token_budgets`: the b of accuracy_at_budget/<b> (none without);
+    `num_resamples`: bootstrap replicates of the intervals (0: none); `seed`: of the intervals and the split;
+    `select_fraction`: the share of problems in the selection part (None: no split)."""
     groups = by_problem(samples)
     # Every problem has exactly samples 0..n-1: with fewer, pass@k and maj@k would be computed on what is there
     # (pass@4 of three wrong samples would read 1.0).
@@ -125,6 +143,9 @@ def set_metrics(
         "grader_timeouts": sum(s.get("grader") == "timeout" for s in samples),
         "grader_errors": sum(s.get("grader") == "error" for s in samples),
     }
+    from evaluator.audit import audit_metrics  # grader/agreement_*, grader/disagreements_*, grader/undecided_rate
+
+    metrics.update(audit_metrics(samples))
     for k in reported_ks(n):
         metrics[f"pass@{k}"] = sum(
             pass_at_k(len(g), sum(s["reward"] == 1.0 for s in g), k) for g in groups.values()
@@ -142,7 +163,68 @@ def set_metrics(
                 per_value[value].extend(s["reward"] for s in group)
         for value, values in sorted(per_value.items(), key=lambda kv: str(kv[0])):
             metrics[f"accuracy_by/{name}/{value}"] = sum(values) / len(values)
+    metrics.update(score_intervals(groups, n, num_resamples, seed))
+    metrics.update(budget_accuracy(samples, token_budgets or []))
+    if select_fraction is not None:
+        metrics.update(split_metrics(groups, n, fields_by_problem, breakdown, select_fraction, num_resamples, seed))
     return metrics
+
+
+def score_intervals(groups: dict[int, list[dict[str, Any]]], n: int, num_resamples: int, seed: int) -> dict[str, float]:
+    """<metric>_ci_low / _ci_high of accuracy, pass@k and maj@k (stats.py: problems drawn, samples reordered)."""
+    if num_resamples == 0:
+        return {}
+    rewards = [[s["reward"] for s in g] for g in groups.values()]
+    votes = [[s["vote"] for s in g] for g in groups.values()]
+    bounds = {"accuracy": stats.mean_interval([sum(r) / len(r) for r in rewards], num_resamples, seed)}
+    for k in reported_ks(n):
+        passes = [pass_at_k(len(r), sum(x == 1.0 for x in r), k) for r in rewards]
+        bounds[f"pass@{k}"] = stats.mean_interval(passes, num_resamples, seed)
+        bounds[f"maj@{k}"] = stats.majority_interval(votes, rewards, k, num_resamples, seed)
+    out = {}
+    for name, (low, high) in bounds.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+    return out
+
+
+def budget_accuracy(samples: list[dict[str, Any]], budgets: list[int]) -> dict[str, float]:
+    """accuracy_at_budget/<b>: a sample counts right at b when it is right within b tokens; one longer would
+    have been cut at b (truncated, wrong). Generation is token by token, so its first b tokens are the same."""
+    return {
+        f"accuracy_at_budget/{b}": sum(s["reward"] for s in samples if s["num_tokens"] <= b) / len(samples)
+        for b in budgets
+    }
+
+
+def split_problems(problems: Iterable[int], select_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(selection part, held-out part) of a set's problem indices: ranked by a seeded hash of the index, the
+    first round(fraction x problems) select. Each problem is on one side only; the same problems and seed give
+    the same split at every step, whatever order the samples came in."""
+    ranked = sorted(problems, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    if len(ranked) < 2:
+        raise ValueError(f"select_fraction: a split needs at least 2 problems, the set has {len(ranked)}")
+    num_select = min(len(ranked) - 1, max(1, round(select_fraction * len(ranked))))
+    return sorted(ranked[:num_select]), sorted(ranked[num_select:])
+
+
+def split_metrics(
+    groups: dict[int, list[dict[str, Any]]],
+    n: int,
+    fields_by_problem: dict[int, dict[str, Any]],
+    breakdown: list[str],
+    select_fraction: float,
+    num_resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """select/<metric> and heldout/<metric>: every metric of set_metrics, on each part of the split."""
+    out: dict[str, Any] = {}
+    for part, problems in zip(("select", "heldout"), split_problems(groups, select_fraction, seed)):
+        part_samples = [s for p in problems for s in groups[p]]
+        part_metrics = set_metrics(
+            part_samples, n, fields_by_problem, breakdown, num_resamples=num_resamples, seed=seed
+        )
+        out.update({f"{part}/{key}": value for key, value in part_metrics.items()})
+    return out
 
 
 def result_sets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

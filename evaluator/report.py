@@ -1,11 +1,15 @@
 """`python -m evaluator.report runs/x`: what a run learned, as a table, one PNG and one HTML page.
 
     python -m evaluator.report runs/x [--name default]        table; writes report.png and report.html
-    python -m evaluator.report runs/x --diff 500 1000 [--set S] problems learned and forgotten between two steps
+    python -m evaluator.report runs/x --diff 500 1000 [--set S] the paired difference between two steps, and
+                                                                the problems learned and forgotten
 
-The page holds train loss and learning rate, accuracy, pass@k and maj@k per set, accuracy by subject and
-level over steps (heatmaps), response length and truncation, failure kinds, and the problems learned and
-forgotten between consecutive evaluations. It is self-contained (inline SVG): mail it, open it offline.
+The page holds train loss and learning rate, accuracy, pass@k and maj@k per set with their 95 % intervals as
+bands, accuracy by token budget, accuracy by subject and level over steps (heatmaps), response length and
+truncation, failure kinds, and the problems learned and forgotten between consecutive evaluations. Each step's
+change from the step before is tested (paired, on the same problems) and marked when it is not distinguishable
+from noise; the best step's score is given on the held-out part of a split set, or said to be chosen on the
+set it is reported on. It is self-contained (inline SVG): mail it, open it offline.
 """
 
 from __future__ import annotations
@@ -16,11 +20,29 @@ import io
 import json
 import shutil
 import textwrap
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from evaluator import stats
 from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, result_sets
 from shared.protocol import RunLayout, comparable_as, result_steps, samples_file
+
+PAIRED_RESAMPLES = 2000
+"""Bootstrap replicates of the report's paired comparisons (seeded: the same samples, the same verdict)."""
+
+NOISE_MARK = "~"
+"""Marks a step whose accuracy change from the line above is not distinguishable from noise."""
+
+
+def paired_accuracy(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> stats.PairedComparison:
+    """`after`'s accuracy minus `before`'s on the problems both have (stats.paired_comparison)."""
+    old, new = by_problem(before), by_problem(after)
+    common = sorted(set(old) & set(new))
+    rewards = [[[s["reward"] for s in side[p]] for p in common] for side in (old, new)]
+    return stats.paired_comparison(rewards[0], rewards[1], PAIRED_RESAMPLES, seed=0)
 
 
 def load_results(eval_dir: Path) -> list[dict[str, Any]]:
@@ -49,9 +71,11 @@ def load_results(eval_dir: Path) -> list[dict[str, Any]]:
             key = comparable_as(set_result)
             if samples is not None and previous is not None and previous[2] == key:
                 flips = changes(previous[1], samples)
-                set_result["changes"] = {"vs_step": previous[0], **flips}
+                paired = paired_accuracy(previous[1], samples)
+                set_result["changes"] = {"vs_step": previous[0], **flips, "paired": paired}
                 set_result["metrics"].update(learned=len(flips["learned"]), forgotten=len(flips["forgotten"]))
-            previous = (r["step"], samples, key) if samples is not None else None
+            if "average" not in r:  # an averaged checkpoint is no step of the line: the next is compared past it
+                previous = (r["step"], samples, key) if samples is not None else None
     return results
 
 
@@ -80,8 +104,11 @@ def set_names(results: list[dict[str, Any]]) -> list[str]:
 
 
 def _series(results: list[dict[str, Any]], set_name: str, metric: str) -> tuple[list[int], list[float]]:
+    """The metric over the trained steps (averaged checkpoints left out: they are drawn apart)."""
     steps, values = [], []
     for r in results:
+        if "average" in r:
+            continue
         value = result_sets(r).get(set_name, {}).get("metrics", {}).get(metric)
         if isinstance(value, (int, float)):
             steps.append(r["step"])
@@ -89,40 +116,112 @@ def _series(results: list[dict[str, Any]], set_name: str, metric: str) -> tuple[
     return steps, values
 
 
+def step_label(result: dict[str, Any]) -> str:
+    """The step, or for an averaged checkpoint avg_last_<k>@<step> (the average of the k checkpoints up to it)."""
+    average = result.get("average")
+    return f"avg_last_{average['last']}@{result['step']}" if average else str(result["step"])
+
+
+def _paired_cell(set_result: dict[str, Any]) -> str:
+    paired = (set_result.get("changes") or {}).get("paired")
+    if paired is None:
+        return ""
+    return f"{paired.difference:+.3f}{'' if paired.distinguishable else NOISE_MARK}"
+
+
+def best_choice(results: list[dict[str, Any]], set_name: str, metric: str) -> str | None:
+    """Which step best/keep_best choose in the newest comparable results, and how far its score can be trusted:
+    on the held-out part of a split set, else said to be chosen on the very problems it is reported on."""
+    rows = [r for r in results if set_name in result_sets(r)]
+    if not rows:
+        return None
+    newest = comparable_as(result_sets(rows[-1])[set_name])
+    rows = [r for r in rows if comparable_as(result_sets(r)[set_name]) == newest]
+    split = all(f"select/{metric}" in result_sets(r)[set_name]["metrics"] for r in rows)
+    rank_key = f"select/{metric}" if split else metric
+    scored = [
+        (m[rank_key], r["step"], r)
+        for r in rows
+        if isinstance((m := result_sets(r)[set_name]["metrics"]).get(rank_key), (int, float))
+    ]
+    if not scored:
+        return None
+    value, _, chosen = max(scored, key=lambda t: (t[0], t[1]))
+    m, label = result_sets(chosen)[set_name]["metrics"], step_label(chosen)
+    if not split:
+        return (
+            f"best: step {label} by {metric} {value:.3f}{_interval(m, metric)}, chosen on the same "
+            f"{m['num_problems']} problems it is reported on (optimistic; set select_fraction to hold problems out)"
+        )
+    return (
+        f"best: step {label} by {metric} on the selection part ({m['select/num_problems']} problems): {value:.3f}; "
+        f"held out ({m['heldout/num_problems']} problems, not used to choose): {m[f'heldout/{metric}']:.3f}"
+        f"{_interval(m, f'heldout/{metric}')}"
+    )
+
+
+def _interval(metrics: dict[str, Any], name: str) -> str:
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    return f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+
+
+def best_metrics(run_dir: Path, set_names_: list[str]) -> dict[str, str]:
+    """The metric each set's best step is chosen by: training.keep_best's for its set, accuracy elsewhere."""
+    chosen = dict.fromkeys(set_names_, "accuracy")
+    try:
+        saved = yaml.safe_load((RunLayout(run_dir).config_path).read_text()) or {}
+        keep_best = saved["training"]["keep_best"]
+        sets = list((saved["evaluation"].get("sets") or {"main": {}}).keys())
+        chosen[keep_best.get("set") or sets[0]] = keep_best["metric"]
+    except (OSError, KeyError, TypeError, IndexError, AttributeError, yaml.YAMLError):
+        pass  # no saved config, or no keep_best: every set by accuracy
+    return {name: metric for name, metric in chosen.items() if name in set_names_}
+
+
 def _largest_n(results: list[dict[str, Any]], set_name: str) -> int:
-    return max((result_sets(r)[set_name]["sampling"].get("n", 1) for r in results if set_name in result_sets(r)))
+    return max(result_sets(r)[set_name]["sampling"].get("n", 1) for r in results if set_name in result_sets(r))
 
 
 # --------------------------------------------------------------------------------------------------
 # Table
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
+def format_table(results: list[dict[str, Any]], best_by: dict[str, str] | None = None) -> str:
+    """A table per set; `best_by`: the metric each set's best step is chosen by (best_metrics), for its line."""
     blocks = []
     for name in set_names(results):
         n = _largest_n(results, name)
         sampled = [f"pass@{n}", f"maj@{n}"] if n > 1 else []
-        head = ["step", "accuracy", *sampled, "format", "length", "trunc", "learned", "forgot", "top failure"]
+        head = ["step", "accuracy", "95% CI", *sampled, "format", "length", "trunc", "learned", "forgot", "vs prev"]
         # learned / forgot: problems that flipped since the step on the line above
-        lines = [f"[{name}] n={n}", "  ".join(f"{h:>9}" for h in head)]
+        lines = [f"[{name}] n={n}", "  ".join(f"{h:>11}" for h in [*head, "top failure"])]
         for r in results:
             if name not in result_sets(r):
                 continue
             m = result_sets(r)[name]["metrics"]
             failures = {k: m.get(f"failure_rate/{k}", 0.0) for k in FAILURE_KINDS}
             top = max(failures, key=failures.get)
+            ci = f"{m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}" if "accuracy_ci_low" in m else ""
             cells = [
-                f"{r['step']:>9}",
-                f"{m['accuracy']:>9.3f}",
-                *(f"{m.get(k, float('nan')):>9.3f}" for k in sampled),
-                f"{m['format_rate']:>9.3f}",
-                f"{m['mean_response_tokens']:>9.1f}",
-                f"{m['truncation_rate']:>9.2f}",
-                f"{m.get('learned', ''):>9}",
-                f"{m.get('forgotten', ''):>9}",
+                f"{step_label(r):>11}",
+                f"{m['accuracy']:>11.3f}",
+                f"{ci:>11}",
+                *(f"{m.get(k, float('nan')):>11.3f}" for k in sampled),
+                f"{m['format_rate']:>11.3f}",
+                f"{m['mean_response_tokens']:>11.1f}",
+                f"{m['truncation_rate']:>11.2f}",
+                f"{m.get('learned', ''):>11}",
+                f"{m.get('forgotten', ''):>11}",
+                f"{_paired_cell(result_sets(r)[name]):>11}",
                 f"{top} {failures[top]:.2f}" if failures[top] else "-",
             ]
             lines.append("  ".join(cells))
+        lines.append(
+            f"vs prev: accuracy minus the line above's on the same problems; {NOISE_MARK} = not distinguishable "
+            f"from noise (p >= {stats.NOISE_P:g}: exact McNemar for n = 1, else paired bootstrap)"
+        )
+        note = best_choice(results, name, (best_by or {}).get(name, "accuracy"))
+        lines += [note] if note else []
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -155,8 +254,11 @@ def format_diff(eval_dir: Path, set_name: str, before: int, after: int, width: i
     flips = changes(old, new)
     old_by, new_by = by_problem(old), by_problem(new)
     out = [
-        f"[{set_name}] step {before} -> step {after}: {len(flips['learned'])} learned, "
-        f"{len(flips['forgotten'])} forgotten (a problem is solved when at least half its samples are right)"
+        f"[{set_name}] step {before} -> step {after}: {paired_accuracy(old, new).verdict()}",
+        (
+            f"[{set_name}] step {before} -> step {after}: {len(flips['learned'])} learned, "
+            f"{len(flips['forgotten'])} forgotten (a problem is solved when at least half its samples are right)"
+        ),
     ]
     for change in ("learned", "forgotten"):
         for p in flips[change]:
@@ -200,13 +302,25 @@ def _panels(results: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> 
             for metric, style in (("accuracy", "o-"), (f"pass@{n}", "s--"), (f"maj@{n}", "^:")):
                 steps, values = _series(results, name, metric)
                 if values and (metric == "accuracy" or n > 1):
-                    ax.plot(steps, values, style, label=metric if metric != "accuracy" else f"accuracy (mean@{n})")
+                    (line,) = ax.plot(steps, values, style, label=_curve_label(metric, n))
+                    _band(ax, results, name, metric, line.get_color())
+            _mark_noise(ax, results, name)
+            averaged = [(r["step"], result_sets(r)[name]["metrics"]["accuracy"]) for r in _averaged(results, name)]
+            if averaged:
+                ax.plot(*zip(*averaged), "*", ms=9, color="tab:purple", label="averaged checkpoints (accuracy)")
             steps, values = _series(results, name, "format_rate")
             ax.plot(steps, values, "x-", color="grey", alpha=0.6, label="format rate")
             ax.set_ylim(-0.02, 1.02)
             ax.legend(fontsize=7, loc="best")
 
-        panels.append((f"{name}: accuracy, pass@k, maj@k", draw_acc))
+        panels.append((f"{name}: accuracy, pass@k, maj@k (bands: 95 % intervals)", draw_acc))
+        if _budgets(results, name):
+            panels.append(
+                (
+                    f"{name}: accuracy by token budget (the same generations, cut at b)",
+                    partial(_draw_budgets, results, name),
+                )
+            )
         for field in _breakdown_fields(results, name):
 
             def draw_heat(ax, name=name, field=field):
@@ -280,6 +394,62 @@ def _panels(results: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> 
     return panels
 
 
+def _curve_label(metric: str, n: int) -> str:
+    return metric if metric != "accuracy" else f"accuracy (mean@{n})"
+
+
+def _averaged(results: list[dict[str, Any]], set_name: str) -> list[dict[str, Any]]:
+    return [r for r in results if "average" in r and set_name in result_sets(r)]
+
+
+def _band(ax, results: list[dict[str, Any]], set_name: str, metric: str, color: str) -> None:
+    """The metric's 95 % interval at each step, shaded."""
+    steps, lows = _series(results, set_name, f"{metric}_ci_low")
+    _, highs = _series(results, set_name, f"{metric}_ci_high")
+    if lows and len(lows) == len(highs):
+        ax.fill_between(steps, lows, highs, color=color, alpha=0.18, lw=0)
+
+
+def _mark_noise(ax, results: list[dict[str, Any]], set_name: str) -> None:
+    """A hollow grey ring on each step whose accuracy change from the step before is within the noise."""
+    noise = [
+        (r["step"], result_sets(r)[set_name]["metrics"]["accuracy"])
+        for r in results
+        if "average" not in r
+        and set_name in result_sets(r)
+        and (paired := (result_sets(r)[set_name].get("changes") or {}).get("paired")) is not None
+        and not paired.distinguishable
+    ]
+    if noise:
+        ax.plot(*zip(*noise), "o", ms=11, mfc="none", mec="grey", label="change from the step before: noise")
+
+
+def _budgets(results: list[dict[str, Any]], set_name: str) -> list[int]:
+    prefix = "accuracy_at_budget/"
+    return sorted(
+        {
+            int(k[len(prefix) :])
+            for r in results
+            for k in result_sets(r).get(set_name, {}).get("metrics", {})
+            if k.startswith(prefix)
+        }
+    )
+
+
+def _draw_budgets(results: list[dict[str, Any]], set_name: str, ax) -> None:
+    """Accuracy against the token budget, one line per step: the first, the last and up to 4 between."""
+    rows = [r for r in results if "average" not in r and set_name in result_sets(r)]
+    rows = [rows[i] for i in sorted({round(i * (len(rows) - 1) / 5) for i in range(6)})] if len(rows) > 6 else rows
+    for r in rows:
+        metrics = result_sets(r)[set_name]["metrics"]
+        budgets = _budgets([r], set_name)
+        ax.plot(budgets, [metrics[f"accuracy_at_budget/{b}"] for b in budgets], "o-", ms=3, label=f"step {r['step']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token budget")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="best")
+
+
 def _natural(value: str) -> tuple:
     return (0, float(value), value) if value.replace(".", "", 1).lstrip("-").isdigit() else (1, 0.0, value)
 
@@ -300,7 +470,8 @@ def _figure(title: str, draw, size: tuple[float, float]):
     fig, ax = plt.subplots(figsize=size, dpi=110)
     draw(ax)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("training step" if "heatmap" not in title else "")
+    if not ax.get_xlabel():  # a panel that names its own x axis (the token budget) keeps it
+        ax.set_xlabel("training step" if "heatmap" not in title else "")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -339,10 +510,11 @@ def _svg(title: str, draw) -> str:
 
 def _html_table(results: list[dict[str, Any]], name: str) -> str:
     n = _largest_n(results, name)
-    metrics = ["accuracy", *([f"pass@{n}", f"maj@{n}"] if n > 1 else []), "format_rate", "mean_response_tokens"]
+    metrics = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", *([f"pass@{n}", f"maj@{n}"] if n > 1 else [])]
+    metrics += ["format_rate", "mean_response_tokens"]
     metrics += ["truncation_rate", "accuracy_truncated", "accuracy_completed", "learned", "forgotten"]
     metrics += [f"failure_rate/{k}" for k in FAILURE_KINDS]
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["step", *metrics])
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["step", *metrics, "vs prev (accuracy)"])
     rows = []
     for r in results:
         if name not in result_sets(r):
@@ -352,12 +524,22 @@ def _html_table(results: list[dict[str, Any]], name: str) -> str:
             f"<td>{m[k]:.3f}</td>" if isinstance(m.get(k), float) else f"<td>{'' if m.get(k) is None else m[k]}</td>"
             for k in metrics
         )
-        rows.append(f"<tr><td>{r['step']}</td>{cells}</tr>")
+        paired = (result_sets(r)[name].get("changes") or {}).get("paired")
+        verdict = "" if paired is None else html.escape(_paired_cell(result_sets(r)[name]))
+        noise = paired is not None and not paired.distinguishable
+        title = f" title='{html.escape(paired.verdict())}'" if paired is not None else ""
+        paired_td = f"<td class='{'noise' if noise else 'signal'}'{title}>{verdict}{' noise' if noise else ''}</td>"
+        rows.append(f"<tr><td>{html.escape(step_label(r))}</td>{cells}{paired_td}</tr>")
     return f"<div class='wide'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def write_html(
-    panels: list[tuple[str, Any]], results: list[dict[str, Any]], eval_dir: Path, out: Path, title: str
+    panels: list[tuple[str, Any]],
+    results: list[dict[str, Any]],
+    eval_dir: Path,
+    out: Path,
+    title: str,
+    best_by: dict[str, str],
 ) -> Path:
     flips = []
     for name in set_names(results):
@@ -372,7 +554,18 @@ def write_html(
                     "</code></li>"
                 )
     figures = "".join(f"<figure>{_svg(t, d)}</figure>" for t, d in panels)
-    tables = "".join(f"<h2>{html.escape(n)}</h2>{_html_table(results, n)}" for n in set_names(results))
+    tables = "".join(
+        f"<h2>{html.escape(n)}</h2><p class='best'>{html.escape(best_choice(results, n, best_by.get(n, 'accuracy')) or '')}"
+        f"</p>{_html_table(results, n)}"
+        for n in set_names(results)
+    )
+    verdicts = [
+        f"<li class='{'signal' if c['paired'].distinguishable else 'noise'}'>{html.escape(name)} step {c['vs_step']} "
+        f"&rarr; {r['step']}: {html.escape(c['paired'].verdict())}</li>"
+        for name in set_names(results)
+        for r in results
+        if (c := result_sets(r).get(name, {}).get("changes") or {}).get("paired") is not None
+    ]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -384,9 +577,12 @@ table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 1em; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 code {{ font-size: 11px; }}
 .wide {{ overflow-x: auto; }}
+.noise {{ color: #888; }}
+.signal {{ font-weight: bold; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <div class="grid">{figures}</div>
+<h2>Changes between consecutive steps (paired, on the same problems)</h2><ul>{"".join(verdicts) or "<li>none yet</li>"}</ul>
 <h2>Problems that flipped</h2><ul>{"".join(flips) or "<li>none yet</li>"}</ul>
 {tables}
 </body></html>
@@ -407,8 +603,9 @@ def write_report(run_dir: Path, eval_name: str, results: list[dict[str, Any]]) -
         raise ValueError(f"{eval_dir}: no evaluation results yet")
     panels = _panels(results, load_train_log(run_dir))
     title = f"{run_dir.name} / {eval_name}"
+    best_by = best_metrics(run_dir, set_names(results))
     return write_png(panels, eval_dir / "report.png", title), write_html(
-        panels, results, eval_dir, eval_dir / "report.html", title
+        panels, results, eval_dir, eval_dir / "report.html", title, best_by
     )
 
 
@@ -439,7 +636,7 @@ def main() -> int:
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
         return 0
-    print(format_table(results))
+    print(format_table(results, best_metrics(run_dir, set_names(results))))
     png, page = write_report(run_dir, args.name, results)
     print(f"report: {page}\nfigure: {png}")
     return 0

@@ -15,12 +15,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from evaluator import audit
+from evaluator.audit import write_disagreements
 from evaluator.backends import EngineError
-from evaluator.grader import GraderPool, extract_answer, vote_key
+from evaluator.grader import GraderPool, extract_answer, grader_version, vote_key
 from evaluator.metrics import breakdown_fields, changes, failure_kind, read_samples, result_sets, set_metrics
 from evaluator.scheduler import claim_next, claim_step, give_back, holds_claim
 from evaluator.watcher import CheckpointWatcher
-from shared.config import Config, EvalSetConfig
+from shared.config import Config, EvalSetConfig, reported_budgets
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import (
     READY,
@@ -207,6 +209,7 @@ class Evaluator:
             "backend": self.backend.name,
             "load": how,
             "seed": ec.seed,
+            "grader_version": grader_version(),
             "sets": results,
             "timings_s": {
                 "reload": reload_s,
@@ -260,7 +263,17 @@ class Evaluator:
                     "grader": problem,
                 }
             )
-        metrics = set_metrics(samples, sc.n, eval_set.fields_by_problem, eval_set.breakdown)
+        ec = self.cfg.evaluation
+        metrics = set_metrics(
+            samples,
+            sc.n,
+            eval_set.fields_by_problem,
+            eval_set.breakdown,
+            token_budgets=reported_budgets(sc.max_tokens, ec.token_budgets),
+            num_resamples=ec.ci_num_resamples,
+            seed=seed,
+            select_fraction=sc.select_fraction,
+        )
         generated_tokens = sum(g.num_tokens for g in generations)
         if metrics["grader_timeouts"] or metrics["grader_errors"]:
             print(
@@ -280,7 +293,9 @@ class Evaluator:
                 "max_tokens": sc.max_tokens,
                 "stop": sc.stop,
                 "seed": seed,
+                "select_fraction": sc.select_fraction,
             },
+            "grader_version": grader_version(),
             "metrics": metrics,
             "timings_s": {"generation": generate_s, "grading": grade_s},
             "generated_tokens": generated_tokens,
@@ -318,6 +333,10 @@ class Evaluator:
         ]
         columns = ["problem", "sample", "prompt (end)", "response", "reference answer", "answer"]
         self.tracker.log_table(f"eval/{name}/samples", columns + ["reward", "format_reward", "failure"], rows, step)
+        num_rows = self.cfg.evaluation.num_logged_samples
+        self.tracker.log_table(
+            f"eval/{name}/grader_disagreements", audit.TABLE_COLUMNS, audit.table_rows(samples, num_rows), step
+        )
         flips = set_result["changes"]
         if flips["vs_step"] is None or not (flips["learned"] or flips["forgotten"]):
             return
@@ -360,6 +379,7 @@ def write_result(eval_dir: Path, result: dict[str, Any], samples: dict[str, list
         atomic_write_bytes(
             samples_file(eval_dir, set_name, step), "".join(json.dumps(s) + "\n" for s in set_samples).encode()
         )
+        write_disagreements(eval_dir, set_name, step, set_samples)
         set_result = {k: result[k] for k in ("checkpoint", "weights_id", "eval_name", "time")}
         atomic_write_json(result_file(eval_dir, step, set_name), {**result["sets"][set_name], **set_result})
     atomic_write_json(result_file(eval_dir, step), result)

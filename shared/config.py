@@ -208,6 +208,27 @@ class TrainingConfig:
             self.keep_best.validate(f"{key}.keep_best")
 
 
+def reported_budgets(max_tokens: int, chosen: list[int] | None) -> list[int]:
+    """The token budgets b of accuracy_at_budget/<b> for a set: `chosen` (evaluation.token_budgets) up to
+    max_tokens, else the powers of two below max_tokens from 256 (from max_tokens / 8 when that is smaller),
+    and max_tokens itself."""
+    if chosen is None:
+        start = min(256, max(1, max_tokens // 8))
+        chosen = [2**i for i in range(max_tokens.bit_length()) if start <= 2**i]
+    return sorted({b for b in chosen if b < max_tokens} | {max_tokens})
+
+
+@dataclass
+class AverageConfig:
+    last: int | None = None
+    """Also evaluate the element-wise mean of the weights of the last k published checkpoints (k >= 2) as a
+    checkpoint of its own; null = no averaged checkpoint."""
+
+    def validate(self, key: str) -> None:
+        if self.last is not None and self.last < 2:
+            raise ConfigError(f"{key}.last: an average needs at least 2 checkpoints, got {self.last}")
+
+
 def reported_ks(n: int) -> list[int]:
     """The k of pass@k and maj@k reported for n samples per problem: 1, 2, 4, ... up to n, and n itself."""
     ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
@@ -218,7 +239,17 @@ RANKABLE_METRICS = ("accuracy", "answer_accuracy", "format_rate", "accuracy_comp
 """Metrics where higher is better that training.keep_best may rank by, besides pass@k, maj@k and accuracy_by/."""
 
 
-SET_KEYS = ("data", "num_samples", "n", "temperature", "top_p", "max_tokens", "stop", "breakdown_fields")
+SET_KEYS = (
+    "data",
+    "num_samples",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "breakdown_fields",
+    "select_fraction",
+)
 """Keys of `evaluation` that an entry of `evaluation.sets` may set for itself; the others are shared."""
 
 IMPLICIT_SET = "main"
@@ -248,9 +279,15 @@ class EvalSetConfig:
     breakdown_fields: list[str] | None
     """Fields of the records to break accuracy down by; null = each field the records carry with 2 to 50
     distinct values, fewer than the problems (MATH: subject, level)."""
+    select_fraction: float | None = None
+    """Share of the problems (a seeded split by problem, the same at every step) on which best/keep_best choose:
+    the report gives the chosen step's score on the rest, held out. null = no split (best is chosen on the set
+    it is reported on)."""
 
     def validate(self, key: str) -> None:
         _positive(key, self, "n", "max_tokens")
+        if self.select_fraction is not None and not 0 < self.select_fraction < 1:
+            raise ConfigError(f"{key}.select_fraction: must be in (0, 1) or null, got {self.select_fraction}")
         _positive_or_null(key, self, "num_samples")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
@@ -318,6 +355,15 @@ class EvaluationConfig:
     """Rescan the checkpoint folder this often whatever the watcher says (covers lost events)."""
     backfill: bool = False
     """Evaluate checkpoints passed over for a newer one, newest first, whenever nothing newer waits."""
+    select_fraction: float | None = None
+    """Share of each set's problems on which best/keep_best choose (a set may set its own); null = no split."""
+    ci_num_resamples: int = 1000
+    """Bootstrap replicates behind every 95 % interval (accuracy, pass@k, maj@k); 0 = no intervals."""
+    token_budgets: list[int] | None = None
+    """Token budgets b of accuracy_at_budget/<b> (up to each set's max_tokens, which is always one); null =
+    powers of two from 256 (or max_tokens / 8) below max_tokens."""
+    average: AverageConfig | None = None
+    """e.g. {last: 3}: also evaluate the average of the last 3 published checkpoints' weights (avg_last_3)."""
     num_logged_samples: int = 8
     """Sample generations logged to W&B per checkpoint and set."""
     num_threads: int | None = None
@@ -363,6 +409,14 @@ class EvaluationConfig:
             "vllm_max_num_seqs",
         )
         _positive_or_null(key, self, "num_threads", "num_grader_workers")
+        if self.ci_num_resamples != 0 and self.ci_num_resamples < 100:
+            raise ConfigError(
+                f"{key}.ci_num_resamples: must be 0 (no intervals) or >= 100, got {self.ci_num_resamples}"
+            )
+        if self.token_budgets is not None and (not self.token_budgets or min(self.token_budgets) < 1):
+            raise ConfigError(f"{key}.token_budgets: must be a non-empty list of token counts >= 1, or null")
+        if self.average is not None:
+            self.average.validate(f"{key}.average")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         _gpu_list(key, "gpus", self.gpus)

@@ -352,17 +352,19 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
             done = [int(k) for k, v in json.loads(data).items() if v["status"] == "done"]
             seen.append(("ledger", done, {s: (eval_dir / f"step_{s:08d}.json").exists() for s in done}))
         elif path.parent == eval_dir / "main" and path.name.startswith("step_"):
-            seen.append(
-                ("set samples" if path.name.endswith(".samples.jsonl") else "set metrics", path.name[:13], None)
-            )
+            kinds = {".samples.jsonl": "set samples", ".disagreements.jsonl": "set disagreements"}
+            kind = next((k for suffix, k in kinds.items() if path.name.endswith(suffix)), "set metrics")
+            seen.append((kind, path.name[:13], None))
         elif path.parent == eval_dir and path.name.startswith("step_"):
             seen.append(("metrics", path.name[:13], None))
         real(path, data)
 
-    monkeypatch.setattr(protocol, "atomic_write_bytes", spy)
+    monkeypatch.setattr(protocol.durable, "atomic_write_bytes", spy)
+    import evaluator.audit as audit
     import evaluator.service as service
 
     monkeypatch.setattr(service, "atomic_write_bytes", spy)
+    monkeypatch.setattr(audit, "atomic_write_bytes", spy)
     evaluator = Evaluator(cfg, make_backend(cfg.evaluation, False), None)
     try:
         serve_run(cfg, layout, evaluator, once=True, force=False)
@@ -370,7 +372,7 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
         evaluator.close()
     writes = [(kind, name) for kind, name, _ in seen if kind != "ledger"]
     assert writes == [
-        (kind, f"step_{step:08d}") for step in (0, 2, 4, 6) for kind in ("set samples", "set metrics", "metrics")
+        (kind, f"step_{step:08d}") for step in (0, 2, 4, 6) for kind in ("set samples", "set disagreements", "set metrics", "metrics")
     ]
     assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluator.grader import GraderError, GraderPool, extract_answer, r1_zero_reward
+from evaluator import grader
+from evaluator.grader import GraderError, GraderPool, extract_answer, grade, grader_version, judge, r1_zero_reward
 
 
 def resp(answer: str) -> str:
@@ -302,13 +303,151 @@ CASES = [
     ("\\text{seat}", "\\text{east}", WRONG),
     ("\\text{East}", "\\text{east}", RIGHT),
     ("ab", "ba", RIGHT),  # short letter strings stay algebra
+    # false positives found by a review (issue 21): each was graded right before
+    ("2", "2m", WRONG),  # R12: in math mode a bare letter is a variable, not a unit
+    ("2", "2g", WRONG),
+    ("9", "9L", WRONG),
+    ("3", "3s", WRONG),
+    ("2", "2h", WRONG),
+    ("1.414214", "\\sqrt{2}", WRONG),  # R11: a rounded irrational is not the exact value
+    ("3.141593", "\\pi", WRONG),
+    ("0.5\\%", "0.5", WRONG),  # R6: undecided (counted wrong), see test_undecided
+    ("\\$5", "5 \\text{ cents}", WRONG),  # R4: dollars are not cents
+    ("5^\\circ", "5\\%", WRONG),  # R6: a percent is not a unit
+    # R4 the other way: a unit in a text wrapper (a single letter too) is a unit; abbreviations are the unit
+    ("2m", "2m", RIGHT),
+    ("5", "5\\text{ m}", RIGHT),
+    ("5 \\text{m}", "5", RIGHT),
+    ("864", "864 \\mbox{ inches}^2", RIGHT),
+    ("864 \\text{ square inches}", "864 \\mbox{ inches}^2", RIGHT),
+    ("864 \\text{ ft}^2", "864 \\mbox{ inches}^2", WRONG),
+    ("5 \\text{ centimeters}", "5 \\text{ cm}", RIGHT),
+    ("3 hrs", "3 hours", RIGHT),
+    ("3 minutes", "3 hours", WRONG),
+    ("5.4", "5.4 \\text{ cents}", RIGHT),
+    ("5.4 cents", "5.4 \\text{ cents}", RIGHT),
+    ("\\$5.4", "5.4 \\text{ cents}", WRONG),
+    ("32348", "\\$32,\\!348", RIGHT),
+    ("\\$32,348", "\\$32,\\!348", RIGHT),
+    ("32,348 \\text{ cents}", "\\$32,\\!348", WRONG),
+    ("30 degrees", "30^\\circ", RIGHT),
+    ("\\frac{270}7", "\\frac{270}7\\text{ degrees}", RIGHT),  # MATH's \\frac{270}7: a numeric term too
+    ("\\frac{270}{7}^\\circ", "\\frac{270}7\\text{ degrees}", RIGHT),
+    ("\\frac{270}{7} \\text{ cm}", "\\frac{270}7\\text{ degrees}", WRONG),
+    ("30 \\text{ cm}", "30^\\circ", WRONG),
+    ("\\frac{\\pi}{6}", "30^\\circ", WRONG),
+    # R6: percent readings
+    ("5", "5\\%", RIGHT),
+    ("0.05", "5\\%", RIGHT),
+    ("0.5", "5\\%", WRONG),
+    ("5\\%", "0.05", RIGHT),
+    ("120\\%", "120", RIGHT),
+    ("12\\%", "120", WRONG),
+    # R7: named equations answer a value; others do not
+    ("\\theta = \\frac{\\pi}{4}", "\\frac{\\pi}{4}", RIGHT),
+    ("AB = 7", "7", RIGHT),
+    ("f(x) = x^2 + 1", "x^2+1", RIGHT),
+    ("x_1 = 3", "3", RIGHT),
+    ("\\theta = \\frac{\\pi}{3}", "\\frac{\\pi}{4}", WRONG),
+    ("x + 1 = 5", "5", WRONG),
+    ("d = 5 \\text{ cm}", "5", RIGHT),  # R7 then R4: the right side keeps its unit
+    ("d = 5 \\text{ cm}", "5 \\text{ mm}", WRONG),
+    ("p = 5\\%", "5\\%", RIGHT),
+    ("p = 0.5\\%", "0.5", WRONG),
+    # R8: a choice gold takes only its letter
+    ("\\text{(E)}", "\\text{(E)}", RIGHT),
+    ("E", "\\text{(E)}", RIGHT),
+    ("D", "\\text{(E)}", WRONG),
+    ("5", "\\text{(E)}", WRONG),
+    ("(E) 12", "\\text{(E)}", RIGHT),
+    ("\\text{(D) } 12", "\\text{(E)}", WRONG),
+    # R9: words compare as words
+    ("\\text{ellipse}", "\\text{ellipse}", RIGHT),
+    ("ellipse", "\\text{ellipse}", RIGHT),
+    ("\\text{circle}", "\\text{ellipse}", WRONG),
+    ("\\text{Evelyn}", "\\text{Evelny}", WRONG),
+    # R11: rounded irrationals are wrong, exact decimals of rationals are right
+    ("0.3333333", "\\frac13", WRONG),
+    ("0.6666667", "\\frac{2}{3}", WRONG),
+    ("1.7320508", "\\sqrt{3}", WRONG),
+    ("2.718282", "e", WRONG),
+    ("0.125", "\\frac{1}{8}", RIGHT),
+    ("\\frac{\\sqrt{2}}{2}", "0.7071068", WRONG),
+    ("1.414214 \\cdot 2", "2\\sqrt{2}", WRONG),
+    ("0.5 \\cdot 2\\sqrt{2}", "\\sqrt{2}", RIGHT),
+    ("(0.5, 1)", "(\\frac{1}{2}, 1)", RIGHT),
+    ("(0.333333, 1)", "(\\frac{1}{3}, 1)", WRONG),
+    # R12 both ways: a free variable never equals a number
+    ("5", "5x", WRONG),
+    ("5x", "5", WRONG),
+    ("5x", "5x", RIGHT),
+    ("2e", "2e", RIGHT),
 ]
 
 
 @pytest.mark.parametrize("pred, gold, right", CASES, ids=[f"{i}:{p}|{g}" for i, (p, g, _) in enumerate(CASES)])
 def test_equivalence(pred, gold, right):
-    expected = float(right)
-    assert r1_zero_reward(resp(pred), gold) == {"format_reward": 1.0, "answer_reward": expected, "reward": expected}
+    """Each rule both ways: the equivalent forms right, the nearest wrong answers wrong (or undecided, which counts
+    as wrong). Graded in-process (judge), then a sample of them through the real worker processes below."""
+    verdict, rule = judge(extract_answer(resp(pred)), gold)
+    assert (verdict == "right") == right, (verdict, rule)
+
+
+def test_equivalence_through_the_worker_processes():
+    """The same verdicts from r1_zero_reward (a real worker process): every 7th case."""
+    for pred, gold, right in CASES[::7]:
+        got = r1_zero_reward(resp(pred), gold)
+        expected = float(right)
+        assert (got["format_reward"], got["answer_reward"], got["reward"]) == (1.0, expected, expected), (pred, gold)
+        assert (got["verdict"] == "right") == right and got["grader_rule"]
+
+
+# (answer, gold, the rule that cannot decide)
+UNDECIDED = [
+    ("0.5\\%", "0.5", "R6"),  # a percentage of 0.5 or a proportion: the sign changes the value 100-fold
+    ("0.5\\%", "\\frac{1}{2}", "R6"),  # the same, the gold a fraction
+    ("\\frac{1}{2}\\%", "x", "R6"),  # a percent on one side of a non-number
+    ("x^{" + "2" * 1200 + "}", "y", "R15"),  # too long to parse safely
+    ("x", "\\frac{1}{", "R15"),  # math-verify cannot parse the gold
+    ("\\sqrt[", "x", "R15"),  # nor the answer
+]
+
+
+@pytest.mark.parametrize("pred, gold, rule", UNDECIDED)
+def test_undecided_is_its_own_verdict_and_counts_wrong(pred, gold, rule):
+    verdict, why = judge(pred, gold)
+    assert verdict == "undecided" and why.startswith(rule), (verdict, why)
+    graded = grade(resp(pred), gold)
+    assert graded["verdict"] == "undecided" and graded["reward"] == 0.0 == graded["answer_reward"]
+
+
+def test_audit_verdicts_are_independent_graders():
+    """math-verify alone takes the rounded \\sqrt{2} (its 6-digit rounding) and a string match does not see that
+    0.5 is 1/2: both verdicts are kept beside ours, whatever ours is."""
+    rounded = r1_zero_reward(resp("1.414214"), "\\sqrt{2}")
+    assert rounded["reward"] == 0.0 and rounded["audit_math_verify"] == 1.0 and rounded["audit_string"] == 0.0
+    half = r1_zero_reward(resp("0.5"), "\\frac{1}{2}")
+    assert half["reward"] == 1.0 and half["audit_math_verify"] == 1.0 and half["audit_string"] == 0.0
+    same = r1_zero_reward(resp("\\boxed{\\text{Navin}}"), "\\text{Navin}")
+    assert same["audit_string"] == 1.0 and same["audit_math_verify"] == 1.0
+    unformatted = r1_zero_reward("the answer is 5", "5")
+    assert unformatted["audit_math_verify"] is None and unformatted["audit_string"] is None
+    assert unformatted["verdict"] == "wrong"
+    empty = r1_zero_reward(resp(""), "5")
+    assert empty["verdict"] == "wrong" and empty["audit_string"] is None and empty["audit_math_verify"] is None
+
+
+def test_grader_version_hashes_the_rules_and_math_verify(monkeypatch, tmp_path):
+    version = grader_version()
+    assert len(version) == 12 and int(version, 16) >= 0
+    assert grader_version() == version
+    monkeypatch.setattr("importlib.metadata.version", lambda package: "9.9.9")
+    assert grader._grader_version.__wrapped__() != version  # another math-verify: another version
+    monkeypatch.undo()
+    edited = tmp_path / "grader.py"
+    edited.write_text(Path(grader.__file__).read_text().replace("| R10 |", "| R10b |"))
+    monkeypatch.setattr(grader, "__file__", str(edited))
+    assert grader._grader_version.__wrapped__() != version  # another rules table: another version
 
 
 # (response, ground truth, format_reward, answer_reward)
@@ -333,7 +472,13 @@ FORMAT_CASES = [
 
 @pytest.mark.parametrize("response, gold, fmt, ans", FORMAT_CASES)
 def test_format_and_answer_rewards(response, gold, fmt, ans):
-    assert r1_zero_reward(response, gold) == {"format_reward": fmt, "answer_reward": ans, "reward": float(fmt and ans)}
+    got = r1_zero_reward(response, gold)
+    assert {k: got[k] for k in ("format_reward", "answer_reward", "reward")} == {
+        "format_reward": fmt,
+        "answer_reward": ans,
+        "reward": float(fmt and ans),
+    }
+    assert got["verdict"] in (("right",) if ans else ("wrong", "undecided"))
 
 
 def test_extract_answer():
@@ -389,7 +534,13 @@ def test_pool_grades_in_order_and_counts_timeouts():
         truths = [str(i) if i % 3 else "-1" for i in range(20)] + ["x^{1000}+1", "1", "(x-1)(x+1)"]
         rewards, problems = pool.grade(responses, truths)
         assert [r["reward"] for r in rewards[:20]] == [0.0 if i % 3 == 0 else 1.0 for i in range(20)]
-        assert rewards[20] == {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+        assert {k: rewards[20][k] for k in ("format_reward", "answer_reward", "reward", "verdict")} == {
+            "format_reward": 1.0,
+            "answer_reward": 0.0,
+            "reward": 0.0,
+            "verdict": "undecided",  # a timeout is never a confident verdict
+        }
+        assert all(r["audit_string"] in (0.0, 1.0) for r in rewards[:20])  # the audit comes back from the workers
         assert rewards[21]["format_reward"] == 0.0 and rewards[22]["reward"] == 1.0
         assert problems.count("timeout") == 1 and "error" not in problems
         # the pool still works after a timeout
@@ -433,7 +584,7 @@ def test_a_case_that_overruns_twice_counts_as_a_timeout():
         pool.grade([resp("1")], ["1"])  # the first worker is ready before the stopper starts
         threading.Thread(target=stop_busy_workers, daemon=True).start()
         rewards, problems = pool.grade([resp("(x+1)^{60}")], ["(1+x)^{60}"])
-        assert rewards[0] == {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+        assert (rewards[0]["format_reward"], rewards[0]["reward"], rewards[0]["verdict"]) == (1.0, 0.0, "undecided")
         assert problems == ["timeout"] and len(stopped) >= 2
     finally:
         done.set()

@@ -7,8 +7,6 @@ import math
 
 import pytest
 
-from shared.config import reported_ks
-
 from evaluator.grader import extract_answer, vote_key
 from evaluator.metrics import (
     breakdown_fields,
@@ -18,6 +16,7 @@ from evaluator.metrics import (
     pass_at_k,
     set_metrics,
 )
+from shared.config import reported_ks
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -135,3 +134,62 @@ def test_learned_and_forgotten():
     after = [sample(0, 0, 1.0), sample(0, 1, 0.0), sample(1, 0, 0.0), sample(1, 1, 0.0), sample(3, 0, 1.0)]
     # problem 0: 0/2 -> 1/2 (solved: at least half); problem 1: 2/2 -> 0/2; 2 and 3 are not in both
     assert changes(before, after) == {"learned": [0], "forgotten": [1]}
+
+
+def test_every_score_carries_a_seeded_interval_around_it():
+    # problem p: p % 5 of its samples right ("r"), at positions that vary, the others split between two wrong
+    # answers (exchangeable samples: maj@k's interval is over sample orders too)
+    right = {p: {(p * 3 + i) % 4 for i in range(p % 5)} for p in range(20)}
+    samples = [
+        sample(p, j, float(j in right[p]), vote="r" if j in right[p] else str(j % 2))
+        for p in range(20)
+        for j in range(4)
+    ]
+    m = set_metrics(samples, 4, {}, [], num_resamples=500, seed=7)
+    for name in ("accuracy", "pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"):
+        assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"], name
+        assert m[f"{name}_ci_low"] < m[f"{name}_ci_high"], name
+    assert set_metrics(samples, 4, {}, [], num_resamples=500, seed=7) == m  # the same samples, the same interval
+    assert "accuracy_ci_low" not in set_metrics(samples, 4, {}, [], num_resamples=0)
+
+
+def test_accuracy_at_token_budget_by_hand():
+    """Right within b tokens, else cut at b (truncated, wrong); at max_tokens it is the accuracy itself."""
+    samples = [
+        sample(0, 0, 1.0, tokens=100),
+        sample(1, 0, 1.0, tokens=256),  # exactly at the budget: it would have ended there
+        sample(2, 0, 1.0, tokens=300),
+        sample(3, 0, 0.0, tokens=50, failure="wrong"),
+        sample(4, 0, 0.0, fmt=0.0, truncated=True, tokens=512, vote=None, failure="truncated"),
+    ]
+    m = set_metrics(samples, 1, {}, [], token_budgets=[128, 256, 512])
+    assert m["accuracy_at_budget/128"] == 1 / 5
+    assert m["accuracy_at_budget/256"] == 2 / 5
+    assert m["accuracy_at_budget/512"] == 3 / 5 == m["accuracy"]
+    assert not any(k.startswith("accuracy_at_budget/") for k in set_metrics(samples, 1, {}, []))
+
+
+def test_a_split_puts_each_problem_on_one_side_the_same_at_every_step():
+    from evaluator.metrics import split_problems
+
+    problems = list(range(101))
+    select, heldout = split_problems(problems, 0.5, seed=3)
+    assert not set(select) & set(heldout) and sorted(select + heldout) == problems
+    assert len(select) == 50  # round(0.5 x 101)
+    assert split_problems(reversed(problems), 0.5, seed=3) == (select, heldout)  # order-free
+    assert split_problems(problems, 0.5, seed=4) != (select, heldout)  # seeded
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        split_problems([7], 0.5, 0)
+
+
+def test_split_metrics_score_each_part_on_its_own_problems():
+    from evaluator.metrics import split_problems
+
+    samples = [sample(p, 0, float(p % 2), vote=str(p % 2)) for p in range(40)]
+    m = set_metrics(samples, 1, {}, [], select_fraction=0.25, seed=1, num_resamples=200)
+    select, heldout = split_problems(range(40), 0.25, 1)
+    assert m["select/num_problems"] == len(select) == 10 and m["heldout/num_problems"] == 30
+    assert m["select/accuracy"] == sum(p % 2 for p in select) / 10
+    assert m["heldout/accuracy"] == sum(p % 2 for p in heldout) / 30
+    assert m["heldout/accuracy_ci_low"] <= m["heldout/accuracy"] <= m["heldout/accuracy_ci_high"]
+    assert not any(k.startswith(("select/", "heldout/")) for k in set_metrics(samples, 1, {}, []))

@@ -65,7 +65,7 @@ def test_publish_writes_manifest_last_and_verifies(layout, monkeypatch):
             )
         real_write(path, obj)
 
-    monkeypatch.setattr(protocol, "atomic_write_json", spy)
+    monkeypatch.setattr(protocol.manifest, "atomic_write_json", spy)
     make_checkpoint(layout, 5)
     ckpt = layout.checkpoint_dir(5)
     assert at_ready_write["renamed"], "READY was written before the folder was renamed into place"

@@ -9,17 +9,19 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, service_env
+
 from evaluator.metrics import changes, set_metrics
 from evaluator.service import write_result
 from shared.protocol import RunLayout
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-# problem -> right at steps 0, 100, 200 (one sample each; problem 3 carries no level)
-RIGHT = {0: (0, 1, 1), 1: (1, 1, 0), 2: (0, 0, 1), 3: (0, 1, 1)}
-FIELDS = {0: {"level": 1}, 1: {"level": 1}, 2: {"level": 2}, 3: {}}
+# problem -> right at steps 0, 100, 200 (one sample each; problem 3 carries no level). Step 0 -> 100: 10 learned,
+# none forgotten (exact McNemar p = 2/1024: distinguishable); 100 -> 200: one learned, one forgotten (noise).
+RIGHT = {0: (0, 1, 1), 1: (1, 1, 0), 2: (0, 0, 1), 3: (0, 1, 1), **{p: (0, 1, 1) for p in range(4, 12)}}
+FIELDS = {0: {"level": 1}, 1: {"level": 1}, 2: {"level": 2}, 3: {}, **{p: {"level": 1 + p % 2} for p in range(4, 12)}}
+BUDGETS = [8, 11, 16]  # a response of step i has 10 + i tokens: none fits in 8, steps 0 and 100 fit in 11
 
 
 def sample(problem: int, step_index: int) -> dict:
@@ -41,16 +43,14 @@ def sample(problem: int, step_index: int) -> dict:
     }
 
 
-@pytest.fixture
-def evaluated_run(tmp_path):
+def write_evaluated_run(run, select_fraction=None):
     """A run folder with three evaluated steps, written by the evaluator's own writer, and a train log."""
-    run = tmp_path / "runs" / "r"
     eval_dir = RunLayout(run).eval_dir("default")
     eval_dir.mkdir(parents=True)
     previous = None
     for i, step in enumerate((0, 100, 200)):
         samples = [sample(p, i) for p in RIGHT]
-        metrics = set_metrics(samples, 1, FIELDS, ["level"])
+        metrics = set_metrics(samples, 1, FIELDS, ["level"], token_budgets=BUDGETS, select_fraction=select_fraction)
         flips = changes(previous[1], samples) if previous else {"learned": [], "forgotten": []}
         if previous:
             metrics["learned"], metrics["forgotten"] = len(flips["learned"]), len(flips["forgotten"])
@@ -77,6 +77,11 @@ def evaluated_run(tmp_path):
     return run
 
 
+@pytest.fixture
+def evaluated_run(tmp_path):
+    return write_evaluated_run(tmp_path / "runs" / "r")
+
+
 def report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "evaluator.report", *args],
@@ -93,6 +98,10 @@ def test_diff_lists_learned_and_forgotten_problems_side_by_side(evaluated_run):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "[math] step 100 -> step 200: 1 learned, 1 forgotten" in out
+    assert "[math] step 100 -> step 200: accuracy +0.0 points" in out
+    assert "p = 1 (exact McNemar, 12 problems): not distinguishable from noise" in out
+    signal = report(str(evaluated_run), "--diff", "0", "100").stdout
+    assert "accuracy +83.3 points" in signal and "p = 0.00195 (exact McNemar, 12 problems): distinguishable" in signal
     assert "== LEARNED: problem 2   reference answer: 42" in out
     assert "== FORGOTTEN: problem 1   reference answer: 42" in out
     learned = out.split("== LEARNED")[1].split("== FORGOTTEN")[0]
@@ -112,8 +121,14 @@ def test_results_record_flips_and_the_table_shows_them(evaluated_run):
     proc = report(str(evaluated_run))
     assert proc.returncode == 0, proc.stderr
     rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()}
-    assert rows["100"][1] == "0.750" and rows["100"][5:7] == ["2", "0"]  # accuracy; learned problems 0 and 3
-    assert rows["200"][1] == "0.750" and rows["200"][5:7] == ["1", "1"]
+    assert rows["100"][1] == "0.917" and rows["100"][6:8] == ["10", "0"]  # accuracy; learned problems 0, 3, 4-11
+    assert rows["200"][1] == "0.917" and rows["200"][6:8] == ["1", "1"]
+    low, high = map(float, rows["100"][2].split("-"))  # its 95 % interval
+    assert low < 11 / 12 <= high
+    assert rows["100"][8] == "+0.833" and rows["200"][8] == "+0.000~"  # 10 flips up: signal; 1 up, 1 down: noise
+    assert "~ = not distinguishable from noise" in proc.stdout
+    assert "best: step 200 by accuracy 0.917" in proc.stdout
+    assert "chosen on the same 12 problems it is reported on" in proc.stdout
 
 
 def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
@@ -125,7 +140,8 @@ def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
     text = page.read_text()
     for title in (
         "Training: loss and learning rate",
-        "math: accuracy, pass@k, maj@k",
+        "math: accuracy, pass@k, maj@k (bands: 95 % intervals)",
+        "math: accuracy by token budget",
         "math: accuracy by level over steps",
         "math: response length and truncation",
         "math: why samples are wrong",
@@ -133,6 +149,14 @@ def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
     ):
         assert title in text, title
     assert "--diff 100 200 --set math" in text
+    assert "fill-opacity: 0.18" in text  # the band of the accuracy interval (n = 1: no pass@k, maj@k curves)
+    assert "change from the step before: noise" in text  # the noise ring on step 200's accuracy
+    verdicts = text.split("Changes between consecutive steps")[1].split("<h2>")[0]
+    assert "<li class='signal'>math step 0 &rarr; 100: accuracy +83.3 points" in verdicts
+    assert "<li class='noise'>math step 100 &rarr; 200: accuracy +0.0 points" in verdicts
+    assert "not distinguishable from noise" in verdicts
+    assert "<td class='noise'" in text and "+0.000~ noise</td>" in text  # the table marks the step
+    assert "chosen on the same 12 problems it is reported on" in text
     # self-contained: nothing loaded from elsewhere (the heatmaps' images are inline data)
     assert not re.search(r'(?:src|href)="(?!data:|#)', text) and "<link" not in text and "<script" not in text
     from PIL import Image
@@ -166,6 +190,24 @@ def test_png_and_html_report_render_in_a_browser(evaluated_run, tmp_path):
     histogram = image.histogram()
     assert max(histogram) < 0.97 * sum(histogram)  # not a blank page: the charts drew
     shutil.copy(shot, eval_dir / "report-screenshot.png")
+
+
+def test_a_split_set_reports_the_chosen_steps_held_out_score(tmp_path):
+    """With select_fraction, best is chosen on select/accuracy and the report gives heldout/accuracy, labelled."""
+    from evaluator.metrics import split_problems
+    from evaluator.report import best_choice, load_results
+
+    run = write_evaluated_run(tmp_path / "runs" / "split", select_fraction=0.5)
+    results = load_results(RunLayout(run).eval_dir("default"))
+    select, heldout = split_problems(RIGHT, 0.5, 0)
+    by_step = {i: sum(RIGHT[p][i] for p in heldout) / len(heldout) for i in range(3)}
+    chosen_index = max(range(3), key=lambda i: (sum(RIGHT[p][i] for p in select), i))
+    note = best_choice(results, "math", "accuracy")
+    assert note.startswith(f"best: step {(0, 100, 200)[chosen_index]} by accuracy on the selection part (6 problems)")
+    assert f"held out (6 problems, not used to choose): {by_step[chosen_index]:.3f} [" in note
+    proc = report(str(run))
+    assert proc.returncode == 0, proc.stderr and note in proc.stdout
+    assert note in (RunLayout(run).eval_dir("default") / "report.html").read_text()
 
 
 def test_wandb_gets_per_set_metrics_a_sample_table_and_a_table_of_flipped_problems(
@@ -207,7 +249,7 @@ def test_flips_are_counted_only_against_the_same_problems_and_samples(evaluated_
     eval_dir = RunLayout(evaluated_run).eval_dir("default")
     now = {"set": "math", "step": 300, "problems_id": None, "sampling": {"n": 1}}  # the fixture's have no id
     step, samples = previous_samples(eval_dir, now)
-    assert step == 200 and [s["problem"] for s in samples] == [0, 1, 2, 3]
+    assert step == 200 and [s["problem"] for s in samples] == list(RIGHT)
     assert previous_samples(eval_dir, {**now, "problems_id": "another data set"}) is None
     assert previous_samples(eval_dir, {**now, "sampling": {"n": 4}}) is None
     assert previous_samples(eval_dir, {**now, "sampling": {"n": 1, "temperature": 0.6}}) is None  # another test
@@ -227,10 +269,10 @@ def test_the_report_counts_flips_only_against_the_line_above_and_drops_stale_cou
     (eval_dir / "math" / "step_00000100.samples.jsonl").unlink()
     by_step = {r["step"]: r["sets"]["math"] for r in load_results(eval_dir)}
     assert "learned" not in by_step[200]["metrics"] and by_step[200]["changes"]["vs_step"] is None
-    # step 100's own samples are gone: its stored counts (2 learned against step 0) are not shown either
+    # step 100's own samples are gone: its stored counts (10 learned against step 0) are not shown either
     assert "learned" not in by_step[100]["metrics"] and by_step[100]["changes"]["vs_step"] is None
     stored = json.loads((eval_dir / "step_00000100.json").read_text())["sets"]["math"]["metrics"]
-    assert stored["learned"] == 2
+    assert stored["learned"] == 10
 
 
 def test_the_train_log_of_a_resumed_run_keeps_only_the_resumed_rows(evaluated_run):

@@ -36,7 +36,7 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         log_probs = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         log_z = torch.empty_like(log_probs)
         entropy = torch.empty_like(log_probs) if with_entropy else torch.empty(0, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
+        with torch.autocast(h.device.type, enabled=False), torch.profiler.record_function("lm_head"):
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 logits = (h[rows] @ w.T).float()
@@ -57,7 +57,7 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
         )
-        with torch.autocast(h.device.type, enabled=False):
+        with torch.autocast(h.device.type, enabled=False), torch.profiler.record_function("lm_head_backward"):
             for start in range(0, h.shape[0], ctx.chunk_rows):
                 rows = slice(start, start + ctx.chunk_rows)
                 # d log p(label) / d logits = onehot(label) - softmax(logits), times the incoming gradient

@@ -190,7 +190,10 @@ def make_micro_batches(
 
 
 PROFILE_ENV = "MATH_SFT_PROFILE_DIR"
-"""Benchmarks: a folder to write a torch profile of steps 9-11 of rank 0 into (a table and a trace)."""
+"""Benchmarks: a folder to write a torch profile of 3 steps of rank 0 into (a table and a trace)."""
+PROFILE_WAIT_ENV = "MATH_SFT_PROFILE_WAIT"
+"""Steps before the profiled ones (default 8: steps 10-12 are profiled, after one of profiler warm-up); benchmarks set
+it past their timed steps, which the profiler would slow down."""
 
 
 def profile_if_asked(d):
@@ -211,7 +214,9 @@ def profile_if_asked(d):
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     profiler = torch.profiler.profile(
-        activities=activities, schedule=torch.profiler.schedule(wait=8, warmup=1, active=3), on_trace_ready=write
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=int(os.environ.get(PROFILE_WAIT_ENV, "8")), warmup=1, active=3, repeat=1),
+        on_trace_ready=write,
     )
     profiler.start()
     return profiler
@@ -415,12 +420,13 @@ def _train(cfg: Config, d, layout: RunLayout) -> dict[str, Any]:
                 loss_sum += loss.detach()
                 if log_now:
                     entropy_sum += (out["token_entropy"] * mb["response_mask"]).sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.max_grad_norm)
-            checkpointer.before_optimizer_step()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if master:
-                master.sync()
+            with torch.profiler.record_function("optimizer_step"):  # a span in profiles (benchmarks)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.max_grad_norm)
+                checkpointer.before_optimizer_step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if master:
+                    master.sync()
             step += 1
             interval_steps += 1
             if step == start_step + 1:

@@ -1,0 +1,109 @@
+"""Layout: every path of a run directory, and nothing else decides one.
+
+    runs/<run>/
+      config.yaml                        resolved config of the trainer's latest start
+      .trainer.lock (+ .trainer.json)    held by the one trainer of this run (an OS lock: gone when it dies)
+      checkpoints/
+        .tmp_step_00000500/              being written; never read by anyone
+        step_00000500/                   model files (safetensors, config, tokenizer) + trainer_state/
+          READY                          JSON manifest, written last: the only signal a checkpoint is complete
+        corrupt_step_00000500/           a published checkpoint that failed verification, moved aside on resume
+      leases/<owner-id>.json             one per evaluator process: heartbeat, the steps it holds (leases),
+                                         the evaluation it serves (+ .lock: serialises leases and retention)
+      best -> checkpoints/step_00000500  with training.keep_best: the best checkpoint by the evaluation's
+                                         results (a symlink, replaced atomically)
+      eval/<eval_name>/
+        ledger.json (+ .lock)            per step: running | done | skipped | pending | failed | deleted
+        <set>/step_00000500.samples.jsonl   one line per sample (problem, sample index, response, rewards...)
+        <set>/step_00000500.json         that set's metrics
+        step_00000500.json               every set's metrics under "sets" (written last, atomically: it
+                                         implies the files above exist)
+
+Invariants:
+- Temporary names start with `.tmp_`; only their writer creates them, and readers ignore them.
+- A step's folder name is `step_` and eight digits; anything else under checkpoints/ is no step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+READY = "READY"
+TMP_PREFIX = ".tmp_"
+CORRUPT_PREFIX = "corrupt_"
+TRAINER_STATE_DIR = "trainer_state"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    match = _STEP_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory."""
+
+    run_dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def leases_dir(self) -> Path:
+        return self.run_dir / "leases"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best"
+
+    @property
+    def trainer_lock_path(self) -> Path:
+        return self.run_dir / ".trainer.lock"
+
+    @property
+    def base_model_dir(self) -> Path:
+        """Where the trainer saves the embedded model it built, so every process loads the same one."""
+        return self.run_dir / "base_model"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / step_dirname(step)
+
+    def tmp_checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / (TMP_PREFIX + step_dirname(step))
+
+    def eval_dir(self, name: str) -> Path:
+        return self.run_dir / "eval" / name
+
+    def result_path(self, eval_name: str, step: int) -> Path:
+        return result_file(self.eval_dir(eval_name), step)
+
+
+# Result files of an evaluation folder (a run's eval/<name>/, or --out's): the layout above.
+
+
+def result_file(eval_dir: Path, step: int, set_name: str | None = None) -> Path:
+    """step_N.json, every set's metrics; with `set_name`, <set>/step_N.json, that set's."""
+    return (eval_dir / set_name if set_name else eval_dir) / f"{step_dirname(step)}.json"
+
+
+def samples_file(eval_dir: Path, set_name: str, step: int) -> Path:
+    return eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
+
+
+def result_steps(eval_dir: Path, set_name: str | None = None) -> dict[int, Path]:
+    """{step: its result file} of the steps with one (every set's, or `set_name`'s), in step order."""
+    folder = eval_dir / set_name if set_name else eval_dir
+    found = {parse_step(path.stem): path for path in folder.glob("step_*.json")}
+    return {step: found[step] for step in sorted(s for s in found if s is not None)}
