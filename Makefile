@@ -18,7 +18,7 @@ CKPT   ?=
 WATCH  ?=
 config_flag := $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: setup train eval demo test test-gpu gpu-check bench clean-runs
+.PHONY: setup train eval demo lint test test-gpu gpu-check bench clean-runs
 
 setup: $(STAMP)
 
@@ -39,8 +39,14 @@ eval: setup
 demo: setup
 	$(PY) -m demo $(config_flag) $(ARGS)
 
+# The rules are pyproject.toml's [tool.ruff]; `ruff check --fix .` and `ruff format .` repair most of what fails.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Lint first: a test run starts only on code that passes it.
 # The report's test looks at the page in a real headless Chromium: installed here where apt-get can (as root).
-test: setup
+test: setup lint
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	    { apt-get install -y -q chromium >/dev/null 2>&1 || \

@@ -48,7 +48,7 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
     from vllm import SamplingParams
 
     from evaluator.backends import VLLMBackend
-    from evaluator.service import request_seed
+    from evaluator.evaluation import request_seed
 
     model_dir = make_qwen15_dir(work / "q15")
     cfg = eval_config(num_prompts, max_num_seqs=max_num_seqs)
@@ -120,7 +120,7 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
     best = {k: max(v) for k, v in rates.items()}
 
     def ratio(a: str, b: str) -> float:
-        return round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 3)
+        return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=False)), 3)
 
     again = backend.generate(prompts[:64], seeds[:64], sampling)
     t0 = time.perf_counter()
@@ -137,8 +137,8 @@ def throughput(work: Path, num_prompts: int, rounds: int, max_num_seqs: int | No
         seeded_cost=round(1 - ratio("raw_seeded", "raw_fastest"), 3),
         one_call_gain=ratio("two_sets_one_call", "two_sets_call_per_set"),
         # the first 64 requests again, alone: same seeds, another batch around them
-        identical_when_batched_otherwise=sum(a.text == b.text for a, b in zip(again, gens)) / len(again),
-        engine=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1" and "child process" or "in-process",
+        identical_when_batched_otherwise=sum(a.text == b.text for a, b in zip(again, gens, strict=False)) / len(again),
+        engine=(os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1" and "child process") or "in-process",
         prompts=num_prompts,
         max_num_seqs=cfg.vllm_max_num_seqs,
         max_tokens=1024,

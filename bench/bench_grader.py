@@ -1,15 +1,29 @@
 """Grader throughput and audit: 5,000 realistic MATH-style responses (right, wrong and badly formatted), graded
-with 1 worker and with every core, with the audit on and off (the audit's cost), and our verdicts' agreement with
-math-verify alone and with a plain string match.   python -m bench.bench_grader [--num 5000]"""
+with 1 worker and with every core, with the audit on and off (the audit's cost), our verdicts' agreement with
+math-verify alone and with a plain string match, and their accuracy against the cases' construction labels (a
+right answer written differently is right; a wrong one and a badly formatted one are wrong).
+
+    python -m bench.bench_grader [--num 5000] [--before REV]
+
+--before REV also grades the same cases with the grader of git revision REV (its evaluator/ and shared/ from
+`git archive`, in a temporary folder, with every core): its throughput, its label accuracy and how many verdicts
+differ from the current grader's."""
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import random
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
-from bench.common import report
+from bench.common import REPO, report
 from evaluator.audit import audit_metrics
 from evaluator.grader import GraderPool, grader_version
 
@@ -42,9 +56,10 @@ ANSWERS = [
 ]
 
 
-def make_cases(num: int, seed: int = 0) -> tuple[list[str], list[str]]:
+def make_cases(num: int, seed: int = 0) -> tuple[list[str], list[str], list[float]]:
+    """(responses, ground truths, labels): the reward a right grader gives (1.0 only for a formatted right answer)."""
     rng = random.Random(seed)
-    responses, truths = [], []
+    responses, truths, labels = [], [], []
     reasoning = "We compute step by step. " * 20
     for i in range(num):
         gold, right, wrong = ANSWERS[i % len(ANSWERS)]
@@ -59,7 +74,8 @@ def make_cases(num: int, seed: int = 0) -> tuple[list[str], list[str]]:
             text = reasoning * 20  # truncated, long
         responses.append(text)
         truths.append(gold)
-    return responses, truths
+        labels.append(1.0 if kind < 0.45 else 0.0)
+    return responses, truths, labels
 
 
 def _timed(workers: int, audit: bool, responses: list[str], truths: list[str]) -> tuple[float, list, list]:
@@ -73,12 +89,56 @@ def _timed(workers: int, audit: bool, responses: list[str], truths: list[str]) -
         pool.close()
 
 
+# Run inside the other revision's tree (cwd and PYTHONPATH): its GraderPool(num_workers, timeout_s) and grade().
+_REVISION_GRADER = """
+import json, sys, time
+from evaluator.grader import GraderPool
+cases = json.loads(open(sys.argv[1]).read())
+pool = GraderPool(int(sys.argv[2]), 5.0)
+try:
+    pool.grade(cases["responses"][:50], cases["truths"][:50])
+    t0 = time.perf_counter()
+    grades, problems = pool.grade(cases["responses"], cases["truths"])
+    seconds = time.perf_counter() - t0
+finally:
+    pool.close()
+print(json.dumps({"seconds": seconds, "rewards": [g["reward"] for g in grades], "problems": problems}))
+"""
+
+
+def grade_with_revision(revision: str, workers: int, responses: list[str], truths: list[str]) -> dict:
+    """{seconds, rewards, problems} of the grader of git revision `revision` on the cases (read-only: git archive)."""
+    archive = subprocess.run(
+        ["git", "archive", revision, "evaluator", "shared"], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        cases = Path(tmp) / "cases.json"
+        cases.write_text(json.dumps({"responses": responses, "truths": truths}))
+        proc = subprocess.run(
+            [sys.executable, "-c", _REVISION_GRADER, str(cases), str(workers)],
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": tmp},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def label_accuracy(rewards: list[float], labels: list[float]) -> float:
+    return round(sum(r == y for r, y in zip(rewards, labels, strict=True)) / len(labels), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num", type=int, default=5000)
+    parser.add_argument("--before", default=None, metavar="REV", help="also grade with the grader of git revision REV")
     args = parser.parse_args()
-    responses, truths = make_cases(args.num)
+    responses, truths, labels = make_cases(args.num)
     figures = {}
+    rewards = []
     for workers in sorted({1, os.cpu_count() or 1}):
         plain_s, _, _ = _timed(workers, False, responses, truths)
         seconds, grades, problems = _timed(workers, True, responses, truths)
@@ -92,9 +152,24 @@ def main() -> None:
             "grader_timeouts": problems.count("timeout"),
             "grader_errors": problems.count("error"),
             "accuracy": round(sum(g["reward"] for g in grades) / args.num, 3),
+            "label_accuracy": label_accuracy([g["reward"] for g in grades], labels),
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in audit.items()},
         }
-    report("grader", num=args.num, grader_version=grader_version(), **figures, command="python -m bench.bench_grader")
+        rewards = [g["reward"] for g in grades]
+    if args.before:
+        workers = os.cpu_count() or 1
+        before = grade_with_revision(args.before, workers, responses, truths)
+        figures[f"before_{args.before}"] = {
+            "workers": workers,
+            "seconds": round(before["seconds"], 2),
+            "cases_per_s": round(args.num / before["seconds"]),
+            "grader_timeouts": before["problems"].count("timeout"),
+            "accuracy": round(sum(before["rewards"]) / args.num, 3),
+            "label_accuracy": label_accuracy(before["rewards"], labels),
+            "verdicts_differing_from_current": sum(a != b for a, b in zip(before["rewards"], rewards, strict=True)),
+        }
+    command = "python -m bench.bench_grader" + (f" --before {args.before}" if args.before else "")
+    report("grader", num=args.num, grader_version=grader_version(), **figures, command=command)
 
 
 if __name__ == "__main__":

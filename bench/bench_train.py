@@ -5,6 +5,7 @@
     python -m bench.bench_train --gpus 3        # tokens/s per GPU with FSDP2 on 3 GPUs (compare with --gpus 1)
     python -m bench.bench_train --lengths ../shared/data/math500/sft_lengths.json   # real SFT lengths
     ... --lengths ... --set training.batch_size=32 --profile   # the recipe's batch; a profile of 3 later steps
+    ... --recompiles          # count torch.compile's recompilations (TORCH_LOGS=recompiles), the log in $OUT
     ... --set training.micro_batch_tokens=null --set training.compile=true          # any trainer setting
 
 Batch 8 x 1024 tokens, bf16, fused AdamW: the plain transformers loop of ../shared/gpu/baseline_qwen1p5b.py
@@ -16,13 +17,15 @@ training.batch_size) whose prompt and response token counts are those of the fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from bench.common import digits_sft_jsonl, make_qwen15_dir, report, run, write_config
+from bench.common import digits_sft_jsonl, make_qwen15_dir, out_dir, report, run, write_config
 
 REAL_STEPS = 25
 """Optimizer steps with real lengths: 5 of warm-up, then 20 timed (the baseline times 20 after 3). The run goes on
@@ -36,11 +39,14 @@ def real_lengths_sft_jsonl(path: Path, lengths_file: Path, max_len: int, seed: i
     import random
 
     import yaml  # noqa: F401 - the trainer's config reader; imported here to fail early if missing
+
     from trainer.train import DataOrder
 
     lengths = json.loads(lengths_file.read_text())
     pairs = [
-        (p, min(r, max_len - p)) for p, r in zip(lengths["prompt_tokens"], lengths["response_tokens"]) if p < max_len
+        (p, min(r, max_len - p))
+        for p, r in zip(lengths["prompt_tokens"], lengths["response_tokens"], strict=True)
+        if p < max_len
     ]
     random.Random(0).shuffle(pairs)
     order = DataOrder(len(pairs), seed)
@@ -93,6 +99,21 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def window_tokens_per_s(rows: list[dict]) -> float:
+    """Tokens over time of logged intervals of equal steps: total tokens / total time."""
+    return sum(r["train/tokens_per_s"] * r["train/step_s"] for r in rows) / sum(r["train/step_s"] for r in rows)
+
+
+def window_mfu(rows: list[dict]) -> float:
+    """MFU of logged intervals of equal steps as total FLOPs / total time (each interval's weighted by its time)."""
+    return sum(r.get("train/mfu", 0) * r["train/step_s"] for r in rows) / sum(r["train/step_s"] for r in rows)
+
+
+def count_recompiles(log: Path) -> int:
+    """torch.compile recompilations in a trainer log written with TORCH_LOGS=recompiles."""
+    return sum("Recompiling function" in line for line in log.read_text().splitlines())
+
+
 def report_profile(profile_dir: Path, tag: str, label: str) -> None:
     """The GPU time of a profiled step by kind (bench.common.profile_breakdown), and the profiler's tables in $OUT."""
     from bench.common import out_dir, profile_breakdown
@@ -106,7 +127,30 @@ def report_profile(profile_dir: Path, tag: str, label: str) -> None:
     )
 
 
-def main() -> None:
+@dataclasses.dataclass
+class Bench:
+    """One benchmark run: its arguments, settings and outputs."""
+
+    args: argparse.Namespace
+    work: Path
+    merged: dict  # the trainer's config
+    label: str  # the --set arguments, as given
+    lengths: list[int] | None  # each record's token count (--lengths)
+    log_path: Path
+    rows: dict = dataclasses.field(default_factory=dict)  # train_log.jsonl by step
+
+    @property
+    def stall(self) -> bool:
+        return self.args.tag is None and self.args.gpus == 1 and not self.args.lengths
+
+    def peak_memory_gb(self) -> float:
+        return round(max(r.get("train/peak_memory_gb", 0) for r in self.rows.values()), 1)
+
+    def recompiles(self) -> int | None:
+        return count_recompiles(self.log_path) if self.args.recompiles else None
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench_train")
     parser.add_argument("--tag", default=None, help="only measure the step time, under this label")
@@ -120,18 +164,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also profile 3 steps after the timed ones (--tag/--lengths)"
     )
-    args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = make_qwen15_dir(work / "q15")
-    stall = args.tag is None and args.gpus == 1 and not args.lengths
-    if args.lengths:
-        data, lengths = real_lengths_sft_jsonl(work / "real.jsonl", Path(args.lengths), 1024, seed=0)
-    else:
-        data = digits_sft_jsonl(work / "data.jsonl", 512, 200, 825)  # 1025 tokens -> 1024 inputs per example
-    runs = work / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    settings = {
+    parser.add_argument("--recompiles", action="store_true", help="log torch.compile's recompilations; count them")
+    return parser.parse_args()
+
+
+def trainer_settings(args: argparse.Namespace, model_dir: Path, data: Path, runs: Path, stall: bool) -> dict:
+    return {
         "run_name": "bench",
         "runs_dir": str(runs),
         "model": {"path": str(model_dir)},
@@ -155,86 +193,138 @@ def main() -> None:
         },
         "wandb": {"mode": "disabled"},
     }
-    merged = deep_merge(settings, parse_sets(args.set))
-    cfg = write_config(work / "cfg.yaml", merged)
+
+
+def prepare(args: argparse.Namespace) -> Bench:
+    """The model folder, the data and the trainer's config of this benchmark."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_qwen15_dir(work / "q15")
+    lengths = None
+    if args.lengths:
+        data, lengths = real_lengths_sft_jsonl(work / "real.jsonl", Path(args.lengths), 1024, seed=0)
+    else:
+        data = digits_sft_jsonl(work / "data.jsonl", 512, 200, 825)  # 1025 tokens -> 1024 inputs per example
+    runs = work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    stall = args.tag is None and args.gpus == 1 and not args.lengths
+    merged = deep_merge(trainer_settings(args, model_dir, data, runs, stall), parse_sets(args.set))
     label = " ".join(f"--set {s}" for s in args.set)
+    return Bench(args, work, merged, label, lengths, work / f"train_{args.tag or 'stall'}.log")
+
+
+def run_trainer(b: Bench) -> None:
+    """The trainer on the benchmark's config; its logged rows in b.rows, its profile and log in $OUT as asked."""
+    args = b.args
+    cfg = write_config(b.work / "cfg.yaml", b.merged)
     env = {"TQDM_DISABLE": "1"}
-    profile_dir = work / f"profile_{args.tag or 'real'}"
-    if args.profile and not stall:
+    if args.recompiles:
+        env["TORCH_LOGS"] = "recompiles"
+    profile_dir = b.work / f"profile_{args.tag or 'real'}"
+    profiled = args.profile and not b.stall
+    if profiled:
         shutil.rmtree(profile_dir, ignore_errors=True)
         # after the timed steps (real lengths: 6-25 of 30; fixed: 6-15 of 25), before the run's last step
         env.update(MATH_SFT_PROFILE_DIR=str(profile_dir), MATH_SFT_PROFILE_WAIT="25" if args.lengths else "15")
     if args.gpus > 1:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(args.gpus)))
-    run([sys.executable, "-m", "trainer", "--config", str(cfg)], work / f"train_{args.tag or 'stall'}.log", env=env)
-    rows = {r["train_step"]: r for r in map(json.loads, (runs / "bench" / "train_log.jsonl").read_text().splitlines())}
-    if args.profile and not stall:
-        report_profile(profile_dir, args.tag or "real", label)
-    if args.lengths:
-        timed = [rows[s] for s in range(10, REAL_STEPS + 1, 5)]  # steps 6-25
-        seconds = sum(r["train/step_s"] * 5 for r in timed)
-        per_gpu = merged["training"]["batch_size"] // args.gpus
-        micro = merged["training"]["micro_batch_size"]
-        seen = visited(lengths, REAL_STEPS * per_gpu * args.gpus, seed=0)
-        # each GPU's examples of each timed step
-        passes = [seen[i * per_gpu : (i + 1) * per_gpu] for i in range(5 * args.gpus, REAL_STEPS * args.gpus)]
-        useful = sum(map(sum, passes))
-        packed = bool(merged["training"]["micro_batch_tokens"])
-        # padded: every row of a micro-batch as long as its longest
-        computed = (
-            useful if packed else sum(micro * max(p[i : i + micro]) for p in passes for i in range(0, len(p), micro))
-        )
-        report(
-            "train_real_lengths",
-            gpus=args.gpus,
-            examples_per_step=merged["training"]["batch_size"],
-            useful_tokens_per_s=round(useful / seconds),
-            useful_tokens_per_s_per_gpu=round(useful / seconds / args.gpus),
-            step_s=round(seconds / 20, 4),
-            mfu_useful=round(statistics.mean(r.get("train/mfu", 0) for r in timed), 3),
-            pad_fraction=round(1 - useful / computed, 3),
-            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
-            settings=label or "defaults",
-            command=f"python -m bench.bench_train --lengths {args.lengths} {label}".strip(),
-        )
-        return
-    steady = [rows[s] for s in (10, 15)]  # after warm-up, no checkpoint in the interval
-    step_s = statistics.mean(r["train/step_s"] for r in steady)
-    if args.gpus > 1:
-        tokens_per_s = statistics.mean(r["train/tokens_per_s"] for r in steady)
+    run([sys.executable, "-m", "trainer", "--config", str(cfg)], b.log_path, env=env)
+    if args.recompiles:
+        name = f"train_{args.tag or 'real'}_{re.sub(r'[^a-z0-9]+', '_', b.label.lower())}.log"
+        shutil.copy(b.log_path, out_dir() / name)
+    log = Path(b.merged["runs_dir"]) / "bench" / "train_log.jsonl"
+    b.rows = {r["train_step"]: r for r in map(json.loads, log.read_text().splitlines())}
+    if profiled:
+        report_profile(profile_dir, args.tag or "real", b.label)
+
+
+def main() -> None:
+    b = prepare(parse_args())
+    run_trainer(b)
+    if b.args.lengths:
+        report_real_lengths(b)
+    elif b.args.gpus > 1:
         report(
             "train_scaling",
-            gpus=args.gpus,
-            tokens_per_s=round(tokens_per_s),
-            tokens_per_s_per_gpu=round(tokens_per_s / args.gpus),
-            command=f"python -m bench.bench_train --gpus {args.gpus}",
+            gpus=b.args.gpus,
+            tokens_per_s=round(window_tokens_per_s(steady(b))),
+            tokens_per_s_per_gpu=round(window_tokens_per_s(steady(b)) / b.args.gpus),
+            command=f"python -m bench.bench_train --gpus {b.args.gpus}",
         )
-        return
-    if not stall:
+    elif not b.stall:
         report(
             "train_step_time",
-            tag=args.tag,
-            settings=label or "defaults",
-            step_s=round(step_s, 4),
-            tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
-            mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
-            peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+            tag=b.args.tag,
+            settings=b.label or "defaults",
+            step_s=round(steady_step_s(b), 4),
+            tokens_per_s=round(window_tokens_per_s(steady(b))),
+            mfu=round(window_mfu(steady(b)), 3),
+            recompiles=b.recompiles(),
+            peak_memory_gb=b.peak_memory_gb(),
         )
-        return
+    else:
+        report_throughput_and_stall(b)
+
+
+def steady(b: Bench) -> list[dict]:
+    return [b.rows[s] for s in (10, 15)]  # steps 6-15: after warm-up, no checkpoint in the interval
+
+
+def steady_step_s(b: Bench) -> float:
+    return statistics.mean(r["train/step_s"] for r in steady(b))  # equal intervals of 5 steps: total time / steps
+
+
+def report_real_lengths(b: Bench) -> None:
+    args, tc = b.args, b.merged["training"]
+    timed = [b.rows[s] for s in range(10, REAL_STEPS + 1, 5)]  # steps 6-25
+    seconds = sum(r["train/step_s"] * 5 for r in timed)
+    tokens = sum(r["train/tokens_per_s"] * r["train/step_s"] * 5 for r in timed)  # as the trainer counts them
+    per_gpu, micro = tc["batch_size"] // args.gpus, tc["micro_batch_size"]
+    seen = visited(b.lengths, REAL_STEPS * per_gpu * args.gpus, seed=0)
+    # each GPU's examples of each timed step
+    passes = [seen[i * per_gpu : (i + 1) * per_gpu] for i in range(5 * args.gpus, REAL_STEPS * args.gpus)]
+    useful = sum(map(sum, passes))
+    # padded: every row of a micro-batch as long as its longest
+    computed = (
+        useful
+        if tc["micro_batch_tokens"]
+        else sum(micro * max(p[i : i + micro]) for p in passes for i in range(0, len(p), micro))
+    )
+    report(
+        "train_real_lengths",
+        gpus=args.gpus,
+        examples_per_step=tc["batch_size"],
+        useful_tokens_per_s=round(useful / seconds),
+        useful_tokens_per_s_per_gpu=round(useful / seconds / args.gpus),
+        step_s=round(seconds / 20, 4),
+        # total tokens over total time (a mean of the intervals' figures would overweight the fast ones)
+        mfu_useful=round(window_mfu(timed) * useful / tokens, 3),
+        interval_step_s=[round(r["train/step_s"], 4) for r in timed],
+        recompiles=b.recompiles(),
+        pad_fraction=round(1 - useful / computed, 3),
+        peak_memory_gb=b.peak_memory_gb(),
+        settings=b.label or "defaults",
+        command=f"python -m bench.bench_train --lengths {args.lengths} {b.label}".strip(),
+    )
+
+
+def report_throughput_and_stall(b: Bench) -> None:
+    rows, step_s = b.rows, steady_step_s(b)
     report(
         "train_throughput",
-        settings=label or "defaults",
-        tokens_per_s=round(statistics.mean(r["train/tokens_per_s"] for r in steady)),
-        mfu=round(statistics.mean(r.get("train/mfu", 0) for r in steady), 3),
+        settings=b.label or "defaults",
+        tokens_per_s=round(window_tokens_per_s(steady(b))),
+        mfu=round(window_mfu(steady(b)), 3),
         step_s=round(step_s, 4),
-        peak_memory_gb=round(max(r.get("train/peak_memory_gb", 0) for r in rows.values()), 1),
+        peak_memory_gb=b.peak_memory_gb(),
         batch="8x1024",
         command="python -m bench.bench_train",
     )
     second = rows[80]
+    checkpoints = Path(b.merged["runs_dir"]) / "bench" / "checkpoints"
     report(
         "checkpoint_stall",
-        settings=label or "defaults",
+        settings=b.label or "defaults",
         blocked_s_first=round(rows[40]["train/checkpoint_blocked_s"], 3),
         second="skipped" if "train/checkpoints_skipped" in second else "saved",
         blocked_s_second=round(second.get("train/checkpoint_blocked_s", 0.0), 3),
@@ -244,8 +334,8 @@ def main() -> None:
         step_s_after_save=round(rows[45]["train/step_s"], 4),
         step_s_steady=round(step_s, 4),
         # keep_last 1: the one checkpoint left
-        checkpoint_bytes=sum(p.stat().st_size for p in (runs / "bench" / "checkpoints").rglob("*") if p.is_file()),
-        command=f"python -m bench.bench_train {label}".strip(),
+        checkpoint_bytes=sum(p.stat().st_size for p in checkpoints.rglob("*") if p.is_file()),
+        command=f"python -m bench.bench_train {b.label}".strip(),
     )
 
 

@@ -14,21 +14,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The shape of Qwen2.5-Math-1.5B (as in the team's baseline script): speed does not depend on weight values.
-QWEN15_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-    bos_token_id=151643,
-    eos_token_id=151643,
-    pad_token_id=151644,
-)
+QWEN15_CONFIG = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "pad_token_id": 151644,
+}
 
 
 def out_dir() -> Path:

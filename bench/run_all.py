@@ -20,10 +20,9 @@ import time
 from bench.common import out_dir, run
 from shared.launch import physical_gpu_count
 
-
 # GPU of the trainer-side and evaluator-side benchmarks (on a one-GPU machine: EVAL_GPU=0).
-TRAIN_GPU = int(os.environ.get("TRAIN_GPU", 0))
-EVAL_GPU = int(os.environ.get("EVAL_GPU", 1))
+TRAIN_GPU = int(os.environ.get("TRAIN_GPU", "0"))
+EVAL_GPU = int(os.environ.get("EVAL_GPU", "1"))
 
 
 def on_gpu(index: int) -> dict:

@@ -8,14 +8,17 @@ python -m evaluator --ckpt runs/x/checkpoints/step_N      one checkpoint (or any
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 from pathlib import Path
 
-from shared.config import ConfigError, load_config
-from shared.data import DataError
+from shared.config import load_config
 from shared.launch import UsageError, pin_gpus, run_main
-from shared.protocol import CheckpointInvalid, RunLayout
+from shared.logs import setup_logging
+from shared.protocol import RunLayout
+
+log = logging.getLogger(__name__)
 
 
 def _config_path(args) -> Path | None:
@@ -28,7 +31,7 @@ def _config_path(args) -> Path | None:
     return None
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m evaluator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -48,31 +51,31 @@ def main() -> int:
         "--once", action="store_true", help="evaluate every checkpoint not yet evaluated, oldest first, then exit"
     )
     parser.add_argument("--force", action="store_true", help="evaluate again checkpoints that already have results")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="DEBUG lines, and tracebacks of errors")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluation.num_samples=500")
     args = parser.parse_args()
     if args.ckpt and Path(args.ckpt).is_symlink():  # runs/x/best: the checkpoint it names, inside its run
         args.ckpt = str(Path(args.ckpt).parent / os.readlink(args.ckpt))
     if args.ckpt and args.run:
         raise UsageError("give --ckpt or --run, not both")
+    return args
+
+
+def main() -> int:
+    args = _parse_args()
     cfg = load_config(_config_path(args), args.overrides)
     if args.ckpt and not Path(args.ckpt).is_dir():
         raise UsageError(f"--ckpt {args.ckpt}: no such directory")
     run_dir = Path(args.run) if args.run else cfg.run_dir
-    print(
-        f"evaluator: {'checkpoint ' + args.ckpt if args.ckpt else 'run ' + str(run_dir)}; {pin_gpus(cfg.evaluation.gpus, 'evaluation.gpus')}"
-    )
+    setup_logging("evaluator", debug=args.debug, run_dir=Path(args.ckpt).parent.parent if args.ckpt else run_dir)
+    what = f"checkpoint {args.ckpt}" if args.ckpt else f"run {run_dir}"
+    log.info("evaluator: %s; %s", what, pin_gpus(cfg.evaluation.gpus, "evaluation.gpus"))
 
     from evaluator.backends import EngineError, make_backend
-    from evaluator.service import (
-        Evaluator,
-        Stop,
-        check_run_dir,
-        evaluate_folder,
-        install_stop_handlers,
-        results_dir_for,
-        serve_run,
-    )
+    from evaluator.evaluation import Evaluator
+    from evaluator.folder import evaluate_folder, results_dir_for
+    from evaluator.serving import check_run_dir, serve_run
+    from evaluator.stopping import Stop, install_stop_handlers
     from shared.tracking import Tracker
 
     install_stop_handlers()
@@ -102,7 +105,7 @@ def main() -> int:
     except EngineError as exc:
         raise UsageError(str(exc)) from None
     except Stop:
-        print("evaluator: stopped")
+        log.info("evaluator: stopped")
         return 0
     finally:
         if evaluator is not None:
@@ -112,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ConfigError, DataError, CheckpointInvalid, OSError, ValueError))
+    run_main(main, "evaluator")

@@ -79,7 +79,8 @@ def problem_disagreements(samples: list[dict[str, Any]]) -> dict[int, list[str]]
 
 
 def disagreements_file(eval_dir: Path, set_name: str, step: int, grader_version: str | None = None) -> Path:
-    """`<set>/step_N.disagreements.jsonl` beside the samples; a regrade's: `step_N.grader-<version>.disagreements.jsonl`."""
+    """`<set>/step_N.disagreements.jsonl` beside the samples; a regrade's (`grader_version`):
+    `<set>/step_N.grader-<version>.disagreements.jsonl`."""
     samples = samples_file(eval_dir, set_name, step)
     stem = samples.name.removesuffix(".samples.jsonl")
     middle = f".grader-{grader_version}" if grader_version else ""

@@ -13,23 +13,52 @@ Rules (what counts as the same answer). Sources: [MATH] the MATH / MATH-500 answ
 of data/math500, gsm8k, aime24); [MV#n] a false positive or negative reported in huggingface/Math-Verify's
 issue n; [CS336] the CS336 reference grader's normalisations; [TeX] LaTeX's own meaning.
 
-| # | rule | reason | source |
-|---|------|--------|--------|
-| R1 | Presentation is not content: $, \\( \\), \\[ \\], \\left/\\right/\\big, \\, \\! \\; \\quad, \\displaystyle, \\dfrac and \\tfrac (= \\frac), a trailing period, unicode minus/fractions/roots/powers/symbols | they change how an answer looks, not its value | [MATH], [CS336] |
-| R2 | \\text{}, \\mbox{}, \\mathrm{}, \\textbf{} wrap words: a wrapped word is read as a word | text mode is prose, not a product of variables | [TeX], [MV#37] |
-| R3 | Thousands separators in a number (1,000; 1{,}000; 1\\,000; MATH's 1,\\!000) go; a comma elsewhere separates list items (-2,1 is a list) | MATH writes thousands so; a list of roots is not a number | [MATH], [CS336] |
-| R4 | A unit is a word after one numeric term (5 cm, 5 \\text{ hours}, \\$5 = 5 dollars, 30^\\circ = 30 degrees, 6 cookies); a single letter is a unit only inside a text wrapper. Units on both sides must be the same unit (singular/plural and the usual abbreviations are the same); a unit on one side only is dropped | MATH golds omit units the question fixes; 5 hours is not 5 minutes; in math mode 2m is 2 times m | [MATH], [TeX] |
-| R5 | Words that are arithmetic or prose (or, and, times, factorial, tenths, is, ...) are never a unit | "5 or 6", "10 factorial" do not state the number | [MATH] |
-| R6 | A percent sign is part of the value's kind: p% against a gold g without one is right when p/100 = g, or when p = g and abs(g) > 1 (the gold is a percentage written bare, GSM8K/MATH 'what percent'); p = g with abs(g) <= 1 is undecided (a proportion or a percentage: the sign changes the value 100-fold). A gold g% takes p = g or p = g/100. A percent on one side and a unit on the other is wrong | a percent is not silently dropped; the rules cannot know which the question asked | [MATH], issue 21 |
-| R7 | An equation `name = value` (x = 5, \\theta = ..., AB = 5, f(x) = ...) answers a gold value by its right side; any other equation (12 = 5, x + y = 10) against a value is wrong | math-verify compares the right side alone | [MV#14], [MV#60] |
-| R8 | A gold that is a choice letter (A-E, (B), \\text{(B)}) takes only that letter, any case | the option's content cannot be checked without the question | [MATH] |
-| R9 | Word answers (text-wrapped on either side, or letter strings longer than 3) compare as words, case-insensitive | Navin is not Nivan although the products of their letters are equal | [MATH], [MV#37] |
-| R10 | Numbers (integers, decimals, scientific notation, a/b, \\frac{a}{b}, repeating decimals 0.\\overline{3}) compare exactly as rationals | 1000000001 is not 1000000000; a decimal is the exact rational it writes | [MATH], [MV#21] |
-| R11 | Beyond plain numbers, math-verify compares with floats rounded at 12 digits, not 6: a rounded irrational (1.414214 for \\sqrt{2}, 3.141593 for \\pi, 0.3333333 for 1/3) is wrong | we cannot know the question asked to round; exact symbolic equality | [MV#21], [MV#48], [MV#4] |
-| R12 | A bare letter in math mode is a variable: an expression with a free variable (3 + 2m, 2g, 9L) never equals a number, either way round | math-verify would drop the letter as a unit | [TeX], [MV#41] |
-| R13 | An inequality in one variable is its interval (x > 3 = (3, \\infty)); a set \\{...\\} is never a tuple or interval; an unordered list of answers (1, 2 = 2, 1) compares as a set | MATH 'enter all solutions separated by commas'; sympy compares only elements | [MATH], [MV#10], [MV#71] |
-| R14 | Everything else is math-verify's symbolic equality (fractions, roots, \\pi, intervals, tuples, matrices, algebraic identities, equations) with its units stripping off (R4 decides units) | sympy decides equality better than strings | [MV] |
-| R15 | Undecided: math-verify cannot parse one side, an answer too long (over 1,000 characters) or a power too large to evaluate, R6's ambiguity | a confident wrong verdict is worse than a counted 'undecided' | issue 21 |
+R1.  Presentation is not content: $, \\( \\), \\[ \\], \\left/\\right/\\big, \\, \\! \\; \\quad, \\displaystyle, \\dfrac
+     and \\tfrac (= \\frac), a trailing period, unicode minus/fractions/roots/powers/symbols
+     Why: they change how an answer looks, not its value. Source: [MATH], [CS336].
+R2.  \\text{}, \\mbox{}, \\mathrm{}, \\textbf{} wrap words: a wrapped word is read as a word
+     Why: text mode is prose, not a product of variables. Source: [TeX], [MV#37].
+R3.  Thousands separators in a number (1,000; 1{,}000; 1\\,000; MATH's 1,\\!000) go; a comma elsewhere separates list
+     items (-2,1 is a list)
+     Why: MATH writes thousands so; a list of roots is not a number. Source: [MATH], [CS336].
+R4.  A unit is a word after one numeric term (5 cm, 5 \\text{ hours}, \\$5 = 5 dollars, 30^\\circ = 30 degrees, 6
+     cookies); a single letter is a unit only inside a text wrapper. Units on both sides must be the same unit
+     (singular/plural and the usual abbreviations are the same); a unit on one side only is dropped
+     Why: MATH golds omit units the question fixes; 5 hours is not 5 minutes; in math mode 2m is 2 times m. Source:
+     [MATH], [TeX].
+R5.  Words that are arithmetic or prose (or, and, times, factorial, tenths, is, ...) are never a unit
+     Why: "5 or 6", "10 factorial" do not state the number. Source: [MATH].
+R6.  A percent sign is part of the value's kind: p% against a gold g without one is right when p/100 = g, or when p = g
+     and abs(g) > 1 (the gold is a percentage written bare, GSM8K/MATH 'what percent'); p = g with abs(g) <= 1 is
+     undecided (a proportion or a percentage: the sign changes the value 100-fold). A gold g% takes p = g or p = g/100.
+     A percent on one side and a unit on the other is wrong
+     Why: a percent is not silently dropped; the rules cannot know which the question asked. Source: [MATH], issue 21.
+R7.  An equation `name = value` (x = 5, \\theta = ..., AB = 5, f(x) = ...) answers a gold value by its right side; any
+     other equation (12 = 5, x + y = 10) against a value is wrong
+     Why: math-verify compares the right side alone. Source: [MV#14], [MV#60].
+R8.  A gold that is a choice letter (A-E, (B), \\text{(B)}) takes only that letter, any case
+     Why: the option's content cannot be checked without the question. Source: [MATH].
+R9.  Word answers (text-wrapped on either side, or letter strings longer than 3) compare as words, case-insensitive
+     Why: Navin is not Nivan although the products of their letters are equal. Source: [MATH], [MV#37].
+R10. Numbers (integers, decimals, scientific notation, a/b, \\frac{a}{b}, repeating decimals 0.\\overline{3}) compare
+     exactly as rationals
+     Why: 1000000001 is not 1000000000; a decimal is the exact rational it writes. Source: [MATH], [MV#21].
+R11. Beyond plain numbers, math-verify compares with floats rounded at 12 digits, not 6: a rounded irrational (1.414214
+     for \\sqrt{2}, 3.141593 for \\pi, 0.3333333 for 1/3) is wrong
+     Why: we cannot know the question asked to round; exact symbolic equality. Source: [MV#21], [MV#48], [MV#4].
+R12. A bare letter in math mode is a variable: an expression with a free variable (3 + 2m, 2g, 9L) never equals a
+     number, either way round
+     Why: math-verify would drop the letter as a unit. Source: [TeX], [MV#41].
+R13. An inequality in one variable is its interval (x > 3 = (3, \\infty)); a set \\{...\\} is never a tuple or interval;
+     an unordered list of answers (1, 2 = 2, 1) compares as a set
+     Why: MATH 'enter all solutions separated by commas'; sympy compares only elements. Source: [MATH], [MV#10],
+     [MV#71].
+R14. Everything else is math-verify's symbolic equality (fractions, roots, \\pi, intervals, tuples, matrices, algebraic
+     identities, equations) with its units stripping off (R4 decides units)
+     Why: sympy decides equality better than strings. Source: [MV].
+R15. Undecided: math-verify cannot parse one side, an answer too long (over 1,000 characters) or a power too large to
+     evaluate, R6's ambiguity
+     Why: a confident wrong verdict is worse than a counted 'undecided'. Source: issue 21.
 
 Bounding: math-verify's own timeout uses signal.alarm, which only works in a main thread. We switch
 it off and bound every grade ourselves: in a process's main thread with an interval timer, and
@@ -52,15 +81,16 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from fractions import Fraction
 from functools import lru_cache
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from shared.data import last_boxed
+from shared.data import ANSWER_RE, last_boxed
 
 MAX_ANSWER_CHARS = 1000
 """Answers longer than this are not parsed symbolically (they are garbage or a proof, not an answer)."""
@@ -124,9 +154,6 @@ def _grader_version() -> str:
 # Extraction
 
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
 def extract_answer(response: str) -> str | None:
     """Answer text of a well-formatted response, else None. With several <answer> blocks the last complete
     one is the final answer (models restate and correct themselves)."""
@@ -141,7 +168,7 @@ def _answer_block(response: str) -> str | None:
     start = response.find(_FORMAT_OPEN)
     if start < 0:
         return None
-    blocks = _ANSWER_BLOCK.findall(response, start + len(_FORMAT_OPEN) - len("<answer>"))
+    blocks = ANSWER_RE.findall(response, start + len(_FORMAT_OPEN) - len("<answer>"))
     return blocks[-1] if blocks else None
 
 
@@ -162,11 +189,12 @@ _PERCENT = re.compile(r"\s*(?:\\?%|\\percent|\s+percent)$")
 _DOLLAR = re.compile(r"^US\\?\$\s*|^\\\$\s*|^\\textdollar\s*|\s*\\\$$")
 _FRAC_ARG = r"(?:\{[^{}]+\}|\s*\d)"
 _NUM_TERM = (
-    rf"[-+]?(?:\d[\d,]*(?:\.\d+)?(?:\\pi|\\sqrt\{{\d+\}})?|\d+/\d+|\d*\\frac{_FRAC_ARG}{_FRAC_ARG}|\d*\\sqrt\{{[^{{}}]+\}}"
-    r"|\d*\\pi)"
+    rf"[-+]?(?:\d[\d,]*(?:\.\d+)?(?:\\pi|\\sqrt\{{\d+\}})?|\d+/\d+|\d*\\frac{_FRAC_ARG}{_FRAC_ARG}"
+    r"|\d*\\sqrt\{[^{}]+\}|\d*\\pi)"
 )
 _UNIT_AFTER_NUMBER = re.compile(
-    rf"^({_NUM_TERM})\s*(?:{_TEXT_COMMANDS}\s*\{{\s*([A-Za-z][A-Za-z ]*?)\s*\}}|([A-Za-z]{{2,}}(?:\s+[A-Za-z]+){{0,2}}))"
+    rf"^({_NUM_TERM})\s*(?:{_TEXT_COMMANDS}\s*\{{\s*([A-Za-z][A-Za-z ]*?)\s*\}}"
+    r"|([A-Za-z]{2,}(?:\s+[A-Za-z]+){0,2}))"
     r"\s*(\^\s*\{?[23]\}?)?\.?$"
 )
 """R4: one numeric term and a unit: words in a text wrapper (a single letter too), or plain words of 2+ letters."""
@@ -278,12 +306,12 @@ def _unit_name(words: str, power: str | None) -> str | None:
     if names[0] in ("square", "cubic") and len(names) > 1:
         exponent, names = ("2" if names[0] == "square" else "3"), names[1:]
     singular = []
-    for w in names:
-        if w.endswith(("ches", "shes", "sses", "xes")):
-            w = w[:-2]
-        elif w.endswith("s") and not w.endswith("ss") and len(w) > 2:
-            w = w[:-1]
-        singular.append(_UNIT_ALIASES.get(w, w))
+    for name in names:
+        if name.endswith(("ches", "shes", "sses", "xes")):
+            name = name[:-2]  # noqa: PLW2901 - the word, made singular
+        elif name.endswith("s") and not name.endswith("ss") and len(name) > 2:
+            name = name[:-1]  # noqa: PLW2901
+        singular.append(_UNIT_ALIASES.get(name, name))
     return " ".join(singular) + exponent
 
 
@@ -372,17 +400,13 @@ def vote_key(answer: str) -> str | None:
 # Judging: R4-R15
 
 
-_mv = None
-
-
+@lru_cache(maxsize=1)
 def _math_verify():
-    global _mv
-    if _mv is None:
-        import math_verify
+    """math-verify, imported at the first grade (seconds, for sympy), its own log lines off."""
+    import math_verify
 
-        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-        _mv = math_verify
-    return _mv
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    return math_verify
 
 
 @lru_cache(maxsize=1)
@@ -518,11 +542,6 @@ def judge(pred: str, gold: str) -> tuple[str, str]:
     if (pt.startswith("\\{") != gt.startswith("\\{")) and (pt[:1] in "([" or gt[:1] in "(["):
         return WRONG, "R13 a set is not a tuple or interval"
     return _symbolic(pt, gt)
-
-
-def answers_equivalent(pred: str, gold: str) -> bool:
-    """Is the extracted answer `pred` the same answer as `gold` by the rules (undecided is not)?"""
-    return judge(pred, gold)[0] == RIGHT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -664,11 +683,11 @@ def r1_zero_reward(response: str, ground_truth: str | list[str], timeout_s: floa
     return _shared_pool(timeout_s).grade([response], [ground_truth])[0][0]
 
 
-_SHARED: dict[float, "GraderPool"] = {}
+_SHARED: dict[float, GraderPool] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _shared_pool(timeout_s: float) -> "GraderPool":
+def _shared_pool(timeout_s: float) -> GraderPool:
     with _SHARED_LOCK:
         if timeout_s not in _SHARED:
             _SHARED[timeout_s] = GraderPool(1, timeout_s)
@@ -702,7 +721,7 @@ class _Worker:
     a task's deadline starts only when a ready worker takes it."""
 
     def __init__(self, timeout_s: float, audit: bool):
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr for its life; closed by kill()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evaluator.grader", "--worker", repr(timeout_s), *([] if audit else ["--no-audit"])],
@@ -731,6 +750,41 @@ class _Worker:
         for conn in (self.send_conn, self.recv_conn):
             conn.close()
         self.stderr.close()
+
+
+class _Batch:
+    """One `GraderPool.grade` call: the cases left to send, the grades back, how often each case was lost."""
+
+    def __init__(self, responses: list[str], ground_truths: list, progress: Callable[[int], None] | None) -> None:
+        self.responses, self.ground_truths, self.progress = responses, ground_truths, progress
+        self.results: list[dict[str, Any] | None] = [None] * len(responses)
+        self.problems: list[str | None] = [None] * len(responses)
+        self.lost: defaultdict[int, int] = defaultdict(int)  # how often a case timed out or its worker died under it
+        self.todo: list[int] = []
+        for i, r in enumerate(responses):
+            if extract_answer(r) is None:  # badly formatted: no need to leave this process
+                self.results[i] = dict(_ZERO)
+            else:
+                self.todo.append(i)
+        if progress and len(self.todo) < len(responses):
+            progress(len(responses) - len(self.todo))
+        self.todo.reverse()  # sent from the end: in input order
+
+    def finish(self, worker: _Worker, index: int, rewards: dict[str, Any] | None, problem: str | None) -> None:
+        self.results[index] = rewards or _formatted_wrong(rule=f"grader {problem}")
+        self.problems[index] = problem
+        worker.task = None
+        if self.progress:
+            self.progress(1)
+
+    def lose(self, worker: _Worker, index: int, problem: str) -> None:
+        """The case timed out or its worker is gone (replaced): retry it once, then count it as `problem`."""
+        worker.task = None
+        self.lost[index] += 1
+        if self.lost[index] >= 2:
+            self.finish(worker, index, None, problem)
+        else:
+            self.todo.append(index)
 
 
 class GraderPool:
@@ -764,74 +818,57 @@ class GraderPool:
             return self._grade(responses, ground_truths, progress)
 
     def _grade(self, responses, ground_truths, progress):
-        results: list[dict[str, Any] | None] = [None] * len(responses)
-        problems: list[str | None] = [None] * len(responses)
-        todo, lost = [], defaultdict(int)  # lost: how often a case timed out or its worker died under it
-        for i, r in enumerate(responses):
-            if extract_answer(r) is None:  # badly formatted: no need to leave this process
-                results[i] = dict(_ZERO)
+        batch = _Batch(responses, ground_truths, progress)
+        while batch.todo or any(w.task for w in self._workers):
+            self._send(batch)
+            self._receive(batch)
+            self._enforce_deadlines(batch)
+        return batch.results, batch.problems
+
+    def _send(self, batch: _Batch) -> None:
+        """A case to every ready idle worker."""
+        for w in self._workers:
+            if w.ready and w.task is None and batch.todo:
+                i = batch.todo.pop()
+                w.task = (i, time.monotonic() + 2 * self.timeout_s + self.KILL_GRACE_S)  # rules, then audit
+                with suppress(OSError):  # died while idle: seen later as a dead busy worker, and the case retried
+                    w.send_conn.send((i, batch.responses[i], batch.ground_truths[i]))
+
+    def _receive(self, batch: _Batch) -> None:
+        """What the workers sent until the nearest deadline: a grade, a timeout, a ready worker, or a death."""
+        conns = {w.recv_conn: slot for slot, w in enumerate(self._workers)}
+        deadlines = [w.task[1] if w.task else w.start_deadline for w in self._workers if w.task or not w.ready]
+        wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        for conn in wait_connections(list(conns), timeout=wait_s):
+            slot = conns[conn]
+            w = self._workers[slot]
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the worker died: out of memory, killed, or it could not start
+                if not w.ready:
+                    raise GraderError(f"a grading worker could not start: {w.failure()}") from None
+                index = w.task[0] if w.task else None
+                self._replace(slot)
+                if index is not None:
+                    batch.lose(self._workers[slot], index, "error")
+                continue
+            if message == ("ready",):
+                w.ready = True
+            elif message[2] == "timeout":  # the worker's own timer: a slow case, or a starved machine
+                batch.lose(w, message[0], "timeout")
             else:
-                todo.append(i)
-        if progress and len(todo) < len(responses):
-            progress(len(responses) - len(todo))
-        todo.reverse()
+                batch.finish(w, *message)
 
-        def finish(slot: int, index: int, rewards: dict[str, Any] | None, problem: str | None) -> None:
-            results[index] = rewards or _formatted_wrong(rule=f"grader {problem}")
-            problems[index] = problem
-            self._workers[slot].task = None
-            if progress:
-                progress(1)
-
-        def lose(slot: int, index: int, problem: str) -> None:
-            """The case timed out or its worker is gone (replaced): retry it once, then count it as `problem`."""
-            self._workers[slot].task = None
-            lost[index] += 1
-            if lost[index] >= 2:
-                finish(slot, index, None, problem)
-            else:
-                todo.append(index)
-
-        while todo or any(w.task for w in self._workers):
-            for w in self._workers:
-                if w.ready and w.task is None and todo:
-                    i = todo.pop()
-                    w.task = (i, time.monotonic() + 2 * self.timeout_s + self.KILL_GRACE_S)  # rules, then audit
-                    try:
-                        w.send_conn.send((i, responses[i], ground_truths[i]))
-                    except OSError:
-                        pass  # died while idle: seen below as a dead busy worker, and the case retried
-            conns = {w.recv_conn: slot for slot, w in enumerate(self._workers)}
-            deadlines = [w.task[1] if w.task else w.start_deadline for w in self._workers if w.task or not w.ready]
-            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for conn in wait_connections(list(conns), timeout=wait_s):
-                slot = conns[conn]
-                w = self._workers[slot]
-                try:
-                    message = conn.recv()
-                except (EOFError, OSError):  # the worker died: out of memory, killed, or it could not start
-                    if not w.ready:
-                        raise GraderError(f"a grading worker could not start: {w.failure()}") from None
-                    index = w.task[0] if w.task else None
-                    self._replace(slot)
-                    if index is not None:
-                        lose(slot, index, "error")
-                    continue
-                if message == ("ready",):
-                    w.ready = True
-                elif message[2] == "timeout":  # the worker's own timer: a slow case, or a starved machine
-                    lose(slot, message[0], "timeout")
-                else:
-                    finish(slot, *message)
-            now = time.monotonic()
-            for slot, w in enumerate(self._workers):
-                if w.task and now > w.task[1]:
-                    index = w.task[0]
-                    self._replace(slot)
-                    lose(slot, index, "timeout")
-                elif not w.ready and now > w.start_deadline:
-                    raise GraderError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f}s")
-        return results, problems
+    def _enforce_deadlines(self, batch: _Batch) -> None:
+        """Replace a worker stuck past its case's deadline (C code no signal interrupts); fail a worker's start."""
+        now = time.monotonic()
+        for slot, w in enumerate(self._workers):
+            if w.task and now > w.task[1]:
+                index = w.task[0]
+                self._replace(slot)
+                batch.lose(self._workers[slot], index, "timeout")
+            elif not w.ready and now > w.start_deadline:
+                raise GraderError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f}s")
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
@@ -839,15 +876,11 @@ class GraderPool:
 
     def close(self) -> None:
         for w in self._workers:
-            try:
+            with suppress(OSError):
                 w.send_conn.send(None)
-            except OSError:
-                pass
         for w in self._workers:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 w.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
             w.kill()
         self._workers = []
 

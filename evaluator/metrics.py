@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from evaluator import stats
 from shared.config import reported_ks
@@ -71,7 +72,7 @@ def majority_at_k(votes: list[str | None], rewards: list[float], k: int) -> floa
         return 0.0
     top = max(counts.values())
     winners = [v for v, c in counts.items() if c == top]
-    right = {v for v, r in zip(votes[:k], rewards[:k]) if v is not None and r == 1.0}
+    right = {v for v, r in zip(votes[:k], rewards[:k], strict=True) if v is not None and r == 1.0}
     return sum(v in right for v in winners) / len(winners)
 
 
@@ -124,15 +125,31 @@ def set_metrics(
     for problem, group in groups.items():
         if [s["sample"] for s in group] != list(range(n)):
             raise ValueError(f"problem {problem}: samples {[s['sample'] for s in group]}, expected 0..{n - 1} (n={n})")
+    metrics = _sample_rates(samples, len(groups), n)
+    from evaluator.audit import audit_metrics  # grader/agreement_*, grader/disagreements_*, grader/undecided_rate
+
+    metrics.update(audit_metrics(samples))
+    metrics.update(_k_metrics(groups, n))
+    failures = Counter(s["failure"] for s in samples if s["failure"])
+    metrics.update({f"failure_rate/{kind}": failures[kind] / len(samples) for kind in FAILURE_KINDS})
+    metrics.update(_breakdown_accuracy(groups, fields_by_problem, breakdown))
+    metrics.update(score_intervals(groups, n, num_resamples, seed))
+    metrics.update(budget_accuracy(samples, token_budgets or []))
+    if select_fraction is not None:
+        metrics.update(split_metrics(groups, n, fields_by_problem, breakdown, select_fraction, num_resamples, seed))
+    return metrics
+
+
+def _sample_rates(samples: list[dict[str, Any]], num_problems: int, n: int) -> dict[str, Any]:
+    """The per-sample figures: accuracy, format, length and truncation, grader problems."""
     num = len(samples)
     rewards = [s["reward"] for s in samples]
     formatted = [s["reward"] for s in samples if s["format_reward"] == 1.0]
     truncated = [s["reward"] for s in samples if s["truncated"]]
     completed = [s["reward"] for s in samples if not s["truncated"]]
-    failures = Counter(s["failure"] for s in samples if s["failure"])
-    metrics: dict[str, Any] = {
+    return {
         "accuracy": sum(rewards) / num,
-        "num_problems": len(groups),
+        "num_problems": num_problems,
         "n": n,
         "format_rate": len(formatted) / num,
         "answer_accuracy": sum(formatted) / len(formatted) if formatted else 0.0,
@@ -143,9 +160,11 @@ def set_metrics(
         "grader_timeouts": sum(s.get("grader") == "timeout" for s in samples),
         "grader_errors": sum(s.get("grader") == "error" for s in samples),
     }
-    from evaluator.audit import audit_metrics  # grader/agreement_*, grader/disagreements_*, grader/undecided_rate
 
-    metrics.update(audit_metrics(samples))
+
+def _k_metrics(groups: dict[int, list[dict[str, Any]]], n: int) -> dict[str, float]:
+    """pass@k and maj@k for every reported k, averaged over problems."""
+    metrics = {}
     for k in reported_ks(n):
         metrics[f"pass@{k}"] = sum(
             pass_at_k(len(g), sum(s["reward"] == 1.0 for s in g), k) for g in groups.values()
@@ -153,8 +172,14 @@ def set_metrics(
         metrics[f"maj@{k}"] = sum(
             majority_at_k([s["vote"] for s in g], [s["reward"] for s in g], k) for g in groups.values()
         ) / len(groups)
-    for kind in FAILURE_KINDS:
-        metrics[f"failure_rate/{kind}"] = failures[kind] / num
+    return metrics
+
+
+def _breakdown_accuracy(
+    groups: dict[int, list[dict[str, Any]]], fields_by_problem: dict[int, dict[str, Any]], breakdown: list[str]
+) -> dict[str, float]:
+    """accuracy_by/<field>/<value>: the accuracy of the samples of the problems with that value of the field."""
+    metrics = {}
     for name in breakdown:
         per_value: dict[Any, list[float]] = defaultdict(list)
         for problem, group in groups.items():
@@ -163,10 +188,6 @@ def set_metrics(
                 per_value[value].extend(s["reward"] for s in group)
         for value, values in sorted(per_value.items(), key=lambda kv: str(kv[0])):
             metrics[f"accuracy_by/{name}/{value}"] = sum(values) / len(values)
-    metrics.update(score_intervals(groups, n, num_resamples, seed))
-    metrics.update(budget_accuracy(samples, token_budgets or []))
-    if select_fraction is not None:
-        metrics.update(split_metrics(groups, n, fields_by_problem, breakdown, select_fraction, num_resamples, seed))
     return metrics
 
 
@@ -218,7 +239,7 @@ def split_metrics(
 ) -> dict[str, Any]:
     """select/<metric> and heldout/<metric>: every metric of set_metrics, on each part of the split."""
     out: dict[str, Any] = {}
-    for part, problems in zip(("select", "heldout"), split_problems(groups, select_fraction, seed)):
+    for part, problems in zip(("select", "heldout"), split_problems(groups, select_fraction, seed), strict=True):
         part_samples = [s for p in problems for s in groups[p]]
         part_metrics = set_metrics(
             part_samples, n, fields_by_problem, breakdown, num_resamples=num_resamples, seed=seed
@@ -228,11 +249,9 @@ def split_metrics(
 
 
 def result_sets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A result's sets; a result written before sets existed reads as its one set, `main`."""
-    if "sets" in result:
-        return result["sets"]
-    sampling = {"n": 1, **result.get("sampling", {})}
-    return {"main": {"metrics": result["metrics"], "sampling": sampling, "changes": {"vs_step": None}}}
+    """A result's sets, by set name. Every result the project wrote has them (the reading of results from before
+    sets existed is gone: none was ever shipped); kept only until its callers read `result["sets"]` themselves."""
+    return result["sets"]
 
 
 def changes(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[int]]:

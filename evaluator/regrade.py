@@ -1,9 +1,10 @@
 """`python -m evaluator.regrade runs/x [--name default] [--set S]`: grade the stored samples of every evaluated
 checkpoint again with the current grader, without generating.
 
-Per step and set it writes the regraded samples (`<set>/step_N.grader-<version>.samples.jsonl`), their grader
-disagreements (`<set>/step_N.grader-<version>.disagreements.jsonl`) and, in both the step's result file and the
-set's, the new metrics beside the old: `regraded: {<grader version>: {metrics, samples, flipped, time}}`. The
+Per step and set (the averaged checkpoints' too, in eval/<name>/average_last_<k>/) it writes the regraded
+samples (`<set>/step_N.grader-<version>.samples.jsonl`), their grader disagreements
+(`<set>/step_N.grader-<version>.disagreements.jsonl`) and, in both the step's result file and the set's, the new
+metrics beside the old: `regraded: {<grader version>: {metrics, samples, flipped, time}}`. The
 original metrics and samples stay as they were. It prints, per step, the accuracy before and after and the
 samples whose verdict flipped.
 
@@ -31,6 +32,20 @@ UNVERSIONED = "unversioned"
 
 MAX_PRINTED_FLIPS = 20
 """Flipped samples printed per step and set; all of them are in the result (`flipped`)."""
+
+AVERAGE_DIR_PREFIX = "average_last_"
+"""eval/<name>/average_last_<k>/: the results of the average of the last k checkpoints' weights
+(evaluator/averaging.py), laid out as an evaluation folder; regraded and reported with it."""
+
+
+def average_dirs(eval_dir: Path) -> list[Path]:
+    """The averaged checkpoints' result folders inside an evaluation folder, by k."""
+    found = [
+        path
+        for path in eval_dir.glob(f"{AVERAGE_DIR_PREFIX}*")
+        if path.is_dir() and path.name.removeprefix(AVERAGE_DIR_PREFIX).isdigit()
+    ]
+    return sorted(found, key=lambda path: int(path.name.removeprefix(AVERAGE_DIR_PREFIX)))
 
 
 def own_version(result: dict[str, Any], set_result: dict[str, Any]) -> str:
@@ -106,8 +121,19 @@ def _print_entry(step: int, set_name: str, old: dict[str, Any], entry: dict[str,
         print(f"    ... and {len(flipped) - MAX_PRINTED_FLIPS} more (in the result's regraded.<version>.flipped)")
 
 
-def regrade(eval_dir: Path, set_filter: str | None, pool: GraderPool) -> int:
-    """Regrades every step of `eval_dir` (the sets named `set_filter`, or all); returns how many sets it regraded."""
+def regrade_all(eval_dir: Path, set_filter: str | None, pool: GraderPool) -> int:
+    """`regrade` on the evaluation folder, then on each of its averaged checkpoints' folders that has results."""
+    done = regrade(eval_dir, set_filter, pool)
+    for folder in average_dirs(eval_dir):
+        if result_steps(folder):
+            print(f"averaged checkpoints, {folder}:")
+            done += regrade(folder, set_filter, pool, missing_set_ok=True)
+    return done
+
+
+def regrade(eval_dir: Path, set_filter: str | None, pool: GraderPool, missing_set_ok: bool = False) -> int:
+    """Regrades every step of `eval_dir` (the sets named `set_filter`, or all); returns how many sets it regraded.
+    A `set_filter` no result has is an error unless `missing_set_ok`."""
     version = grader_version()
     steps = result_steps(eval_dir)
     if not steps:
@@ -118,7 +144,11 @@ def regrade(eval_dir: Path, set_filter: str | None, pool: GraderPool) -> int:
             results[step] = json.loads(path.read_text())
         except ValueError as exc:
             raise ValueError(f"{path}: not a readable result ({exc})") from None
-    if set_filter is not None and not any(set_filter in r.get("sets", {}) for r in results.values()):
+    if (
+        set_filter is not None
+        and not missing_set_ok
+        and not any(set_filter in r.get("sets", {}) for r in results.values())
+    ):
         raise ValueError(f"--set {set_filter}: no such set in {eval_dir}")
     done = 0
     for step, result in results.items():
@@ -220,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_dir = run if result_steps(run) else RunLayout(run).eval_dir(args.name)
     pool = GraderPool(args.workers, args.timeout_s)
     try:
-        done = regrade(eval_dir, args.set, pool)
+        done = regrade_all(eval_dir, args.set, pool)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -63,9 +63,9 @@ def _vote_codes(votes: list[list[str | None]], rewards: list[list[float]]) -> tu
     num_problems, n = len(votes), len(votes[0])
     codes = np.full((num_problems, n), -1, dtype=np.int64)
     right = np.zeros((num_problems, n), dtype=bool)
-    for p, (vs, rs) in enumerate(zip(votes, rewards)):
+    for p, (vs, rs) in enumerate(zip(votes, rewards, strict=True)):
         first: dict[str, int] = {}
-        for j, (v, r) in enumerate(zip(vs, rs)):
+        for j, (v, r) in enumerate(zip(vs, rs, strict=True)):
             if v is None:
                 continue
             code = first.setdefault(v, j)

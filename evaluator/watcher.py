@@ -9,7 +9,9 @@ The handler runs in the observer's thread and must never do work there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import queue
 import warnings
 from pathlib import Path
@@ -19,6 +21,8 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from shared.protocol import READY, TMP_PREFIX
+
+log = logging.getLogger(__name__)
 
 # The trainer makes `.tmp_step_N` and `.tmp_step_N/trainer_state` microseconds apart; watchdog can then add the
 # watch of the inner folder twice (its walk of the new folder and the inner folder's own event), gets the same
@@ -43,10 +47,8 @@ class _WakeHandler(FileSystemEventHandler):
         names = [Path(p if isinstance(p, str) else p.decode()).name for p in paths if p]
         # READY appearing (created or moved into place) or a step folder renamed into place.
         if any(n == READY or (n.startswith("step_") and not n.startswith(TMP_PREFIX)) for n in names):
-            try:
+            with contextlib.suppress(queue.Full):  # a wake-up is already pending; the loop rescans the disk anyway
                 self.wake.put_nowait(event.event_type)
-            except queue.Full:
-                pass  # a wake-up is already pending; the loop rescans the disk anyway
 
 
 class CheckpointWatcher:
@@ -69,9 +71,10 @@ class CheckpointWatcher:
             except OSError as exc:
                 if exc.errno not in _WATCH_LIMIT_ERRNOS:
                     raise
-                print(
-                    f"warning: cannot watch {self.directory} with inotify ({exc.strerror}; "
-                    "raise fs.inotify.max_user_watches to fix): falling back to polling"
+                log.warning(
+                    "cannot watch %s with inotify (%s; raise fs.inotify.max_user_watches to fix): "
+                    "falling back to polling",
+                    *(self.directory, exc.strerror),
                 )
         observer = PollingObserver(timeout=polling_interval_s)
         observer.schedule(_WakeHandler(self.wake), str(self.directory), recursive=True)

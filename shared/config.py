@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from shared.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
 
@@ -34,7 +36,13 @@ EMBEDDED_DATA = "embedded:arithmetic"
 """`*.data.path` value that generates arithmetic word problems in code."""
 
 
-class ConfigError(ValueError):
+RESERVED_NAMES = ("wandb", "report", "snapshots", "superseded", "average")
+"""Folders of an evaluation's results that are no set (W&B's files, the report, the evaluator's snapshots of what
+it evaluates, results of an earlier evaluation config, the window of averaged checkpoints; average_last_<k>/,
+their results, is reserved too)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the file and key."""
 
 
@@ -43,11 +51,13 @@ class DatasetConfig:
     path: str = EMBEDDED_DATA
     """A JSONL file, `embedded:arithmetic`, or `hf:<name>` (needs the network)."""
     format: Literal["auto", "sft", "math", "gsm8k"] = "auto"
-    """Record layout: sft {prompt, response}, math {problem, solution, answer?}, gsm8k {question, answer}; auto detects it from the first record."""
+    """Record layout: sft {prompt, response}, math {problem, solution, answer?}, gsm8k {question, answer}; auto detects
+    it from the first record."""
     split: str = "train"
     """Split for `embedded:` and `hf:` sources (embedded: train or test); ignored for files."""
     num_examples: int | None = None
-    """Generated examples for `embedded:` sources, or a cap on the records read from files; null = all (embedded: 20000 train / 500 test)."""
+    """Generated examples for `embedded:` sources, or a cap on the records read from files; null = all (embedded: 20000
+    train / 500 test)."""
 
     def validate(self, key: str) -> None:
         if not self.path:
@@ -101,7 +111,8 @@ class KeepBestConfig:
 @dataclass
 class TrainingConfig:
     gpus: list[int] = field(default_factory=lambda: [0])
-    """GPU indices for the trainer (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no GPU."""
+    """GPU indices for the trainer (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no
+    GPU."""
     data: DatasetConfig = field(default_factory=DatasetConfig)
     """Training set: prompt/response pairs."""
     max_steps: int = 1000
@@ -157,7 +168,14 @@ class TrainingConfig:
     step is always saved, and so is the step a stop (Ctrl-C, SIGTERM) ends at when the newest due save was
     skipped."""
     keep_last: int | None = None
-    """Checkpoints to keep on disk; null = all. Never deletes one an evaluator holds or still needs."""
+    """Newest checkpoints always kept on disk; older ones are deleted unless kept by keep_best or
+    max_unevaluated. null = keep every checkpoint (no retention)."""
+    max_unevaluated: int = 2
+    """With keep_last: besides the newest keep_last (and keep_best's), keep at most this many of the newest
+    checkpoints that some evaluation (evaluation.name, and every eval/<name>/ ledger of the run) has not finished;
+    older unevaluated ones are deleted, logged and recorded `deleted` in those evaluations' ledgers. Bounds the
+    disk a slow or hung evaluator costs: at most keep_last + max_unevaluated (+ keep_best's k) checkpoints. 0 =
+    keep none for evaluators."""
     keep_best: KeepBestConfig | None = None
     """Also keep the k best checkpoints by the evaluation's results (evaluation.name), e.g. {k: 2, metric:
     accuracy, set: math500}; runs/<run>/best links to the best. null = off."""
@@ -182,7 +200,8 @@ class TrainingConfig:
         )
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
-                f"{key}.batch_size ({self.batch_size}) must be a multiple of {key}.micro_batch_size ({self.micro_batch_size})"
+                f"{key}.batch_size ({self.batch_size}) must be a multiple of "
+                f"{key}.micro_batch_size ({self.micro_batch_size})"
             )
         if not self.learning_rate > 0:
             raise ConfigError(f"{key}.learning_rate: must be > 0, got {self.learning_rate}")
@@ -197,6 +216,8 @@ class TrainingConfig:
         if not self.max_grad_norm > 0:
             raise ConfigError(f"{key}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
         _positive_or_null(key, self, "keep_last", "num_threads", "micro_batch_tokens")
+        if self.max_unevaluated < 0:
+            raise ConfigError(f"{key}.max_unevaluated: must be >= 0, got {self.max_unevaluated}")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(
                 f"{key}.micro_batch_tokens ({self.micro_batch_tokens}) must be >= {key}.max_seq_len "
@@ -303,7 +324,8 @@ class EvaluationConfig:
     name: str = "default"
     """Name of this evaluation; results go to runs/<run>/eval/<name>/, so several evaluations of one run can coexist."""
     gpus: list[int] = field(default_factory=lambda: [1])
-    """GPU indices for the evaluator (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no GPU."""
+    """GPU indices for the evaluator (sets CUDA_VISIBLE_DEVICES unless the user set it). Ignored on a machine with no
+    GPU."""
     data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
     """Evaluation set (held out from training)."""
     num_samples: int | None = 100
@@ -327,6 +349,11 @@ class EvaluationConfig:
     when it does not start within engine_start_timeout_s)."""
     engine_start_timeout_s: float = 300.0
     """Longest wait for a vLLM engine core in a child process to start before falling back to in-process."""
+    generate_timeout_s: float = 600.0
+    """A generate call with no progress for this long (no token step with hf, no finished request with vllm) is
+    taken for hung: the engine is killed, the step goes back to pending and the next load builds a new engine.
+    600 s is far above a healthy gap (a vLLM request of 4,096 tokens at 512 sequences takes about a minute on an
+    H200) yet bounds a wedged engine (a stuck collective) to minutes; raise it for very long responses."""
     vllm_max_num_seqs: int = 512
     """Most sequences vLLM decodes at once; its CUDA graphs are captured up to this batch size. vLLM 0.26's
     defaults let 1,024 run but capture graphs only up to 512, and a batch past 512 ran without them: two sets
@@ -350,7 +377,8 @@ class EvaluationConfig:
     num_grader_workers: int | None = None
     """Processes that grade in parallel; null = one per core, at most 16."""
     observer: Literal["auto", "inotify", "polling"] = "auto"
-    """How new checkpoints are noticed: auto = the OS's native watcher, polling on failure. Use polling on network filesystems."""
+    """How new checkpoints are noticed: auto = the OS's native watcher, polling on failure. Use polling on network
+    filesystems."""
     rescan_s: float = 30.0
     """Rescan the checkpoint folder this often whatever the watcher says (covers lost events)."""
     backfill: bool = False
@@ -368,10 +396,15 @@ class EvaluationConfig:
     """Sample generations logged to W&B per checkpoint and set."""
     num_threads: int | None = None
     """CPU threads for torch in the evaluator (null = torch's default). Only matters on CPU."""
-    heartbeat_timeout_s: float = 60.0
-    """An evaluator that has not renewed its heartbeat for this long is taken for dead (frozen, or its host
-    died): its claim is evaluated again and its leases no longer protect checkpoints. Clocks of hosts
-    sharing a run must agree to well within it."""
+    heartbeat_timeout_s: float = 900.0
+    """An evaluator whose presence record has not changed for this long (by the reader's own monotonic clock;
+    it changes only when its work advances) is taken for dead, frozen or hung, and another evaluator may take its
+    claim. Must exceed generate_timeout_s and engine_start_timeout_s, the longest phases without progress; the
+    cost of a dead evaluator's claim waiting this long is only a later re-evaluation, so the margin is generous."""
+    max_attempts: int = 3
+    """Attempts at evaluating one step before it is marked failed. A transient failure (an engine crash or hang,
+    out of memory, grader workers that cannot start, an evaluator that died) gives the step back, the attempt and
+    its reason recorded in the ledger; a checkpoint that fails verification is failed at once (it would again)."""
 
     def eval_sets(self) -> list[EvalSetConfig]:
         """The sets to evaluate, each key resolved (a set's own value, else this section's)."""
@@ -406,8 +439,16 @@ class EvaluationConfig:
             "grader_timeout_s",
             "heartbeat_timeout_s",
             "engine_start_timeout_s",
+            "generate_timeout_s",
             "vllm_max_num_seqs",
+            "max_attempts",
         )
+        silent = max(("generate_timeout_s", "engine_start_timeout_s"), key=lambda name: getattr(self, name))
+        if self.heartbeat_timeout_s <= getattr(self, silent):
+            raise ConfigError(
+                f"{key}.heartbeat_timeout_s: must exceed {key}.{silent} ({getattr(self, silent):g} s), the longest "
+                f"phase without progress; got {self.heartbeat_timeout_s:g} (a working evaluator would look dead)"
+            )
         _positive_or_null(key, self, "num_threads", "num_grader_workers")
         if self.ci_num_resamples != 0 and self.ci_num_resamples < 100:
             raise ConfigError(
@@ -421,9 +462,10 @@ class EvaluationConfig:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         _gpu_list(key, "gpus", self.gpus)
         for name in self.sets:
-            if not name or "/" in name or name.startswith((".", "step_")) or name in ("wandb", "report"):
+            if not name or "/" in name or name.startswith((".", "step_", "average_last_")) or name in RESERVED_NAMES:
                 raise ConfigError(
-                    f"{key}.sets: a set name must be a plain folder name, not wandb, report or step_*; got {name!r}"
+                    f"{key}.sets: a set name must be a plain folder name, not {', '.join(RESERVED_NAMES)}, step_* "
+                    f"or average_last_*; got {name!r}"
                 )
         for s in self.eval_sets():
             s.validate(f"{key}.sets.{s.name}" if self.sets else key)
@@ -636,7 +678,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except ConfigError as exc:
         # Blame what the user typed: the override whose key the message names, else the file.
         message = str(exc)
-        for (key, _), item in zip(parsed, overrides or []):
+        for (key, _), item in zip(parsed, overrides or [], strict=False):
             if message.startswith((f"{key}:", f"{key}[", f"{key}.")) or f"'{key}'" in message or f"'{key}." in message:
                 raise ConfigError(f"override '{item}': {message}") from None
         raise ConfigError(f"{path}: {message}") from None
@@ -659,6 +701,7 @@ RESUME_MAY_CHANGE = frozenset(
         "training.eval_every",
         "training.checkpoint_when_busy",
         "training.keep_last",
+        "training.max_unevaluated",
         "training.keep_best",
         "training.publish_step0",
         "training.log_every",

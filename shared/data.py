@@ -10,16 +10,20 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from shared.config import EMBEDDED_DATA, DatasetConfig
+from shared.errors import UserError
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+"""One `<answer>...</answer>` block, its text in group 1: the SFT reader takes a response's first block as its ground
+truth, the grader the last complete block after `</think> ` as the model's answer."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or record is unusable; the message names the file, line and field."""
 
 
@@ -68,7 +72,7 @@ def last_boxed(text: str) -> str | None:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
     if not text[i:].lstrip().startswith("{"):  # "\\boxed 3": the next token is the answer
-        rest = text[i:].split("$")[0].split()
+        rest = text[i:].split("$", maxsplit=1)[0].split()
         return rest[0] if rest else None
     i = text.index("{", i)
     depth = 0
@@ -265,7 +269,8 @@ def _problem(kind: int, a: int, b: int, c: int, name: str, thing: str, group: st
         s = a + b
         if c > s:
             return None
-        q = f"{name} has {a} {thing}. {name} gets {b} more and then gives away {c}. How many {thing} does {name} have now?"
+        q = f"{name} has {a} {thing}. {name} gets {b} more and then gives away {c}. "
+        q += f"How many {thing} does {name} have now?"
         return q, f"{a} + {b} = {s}. {s} - {c} = {s - c}.", s - c
     if kind == 1:  # a * b + c
         p = a * b

@@ -1,20 +1,25 @@
-"""Process start-up shared by both services: GPU pinning and one-line errors.
+"""Process start-up shared by both services: GPU pinning, logging, and one line for a user's error.
 
 `pin_gpus` must run before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once, at its first use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
-import traceback
-from typing import Callable
+from collections.abc import Callable
+
+from shared.errors import UserError
+from shared.logs import debug_requested, setup_logging
+
+log = logging.getLogger(__name__)
 
 
-class UsageError(Exception):
-    """A problem the user can fix (bad path, missing GPU...): printed as one line, exit status 2."""
+class UsageError(UserError):
+    """A bad command line or machine for it (a path that is not there, a GPU that does not exist...)."""
 
 
 def physical_gpu_count() -> int:
@@ -22,7 +27,7 @@ def physical_gpu_count() -> int:
     if not shutil.which("nvidia-smi"):
         return 0
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
@@ -42,16 +47,29 @@ def pin_gpus(gpus: list[int], key: str) -> str:
     return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} (from {key})"
 
 
-def run_main(main: Callable[[], int | None], expected: tuple[type[BaseException], ...]) -> None:
-    """Run a service's main; the expected errors print one line (a traceback only with --debug)."""
-    debug = "--debug" in sys.argv or os.environ.get("MATH_SFT_DEBUG") == "1"
+def run_main(main: Callable[[], int | None], service: str, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a service's main with the project's logging (`--debug` or MATH_SFT_DEBUG=1: DEBUG lines).
+
+    A `UserError` (or one of `user_errors`: the project's own errors that do not subclass it yet) is one line on
+    stderr and exit status 2, its traceback only with debug; any other exception is a bug: it keeps its traceback
+    and says so, exit status 1. `main` may call `setup_logging` again once it knows the run directory.
+    """
+    debug = debug_requested()
+    setup_logging(service, debug=debug)
     try:
         sys.exit(main() or 0)
     except KeyboardInterrupt:  # Ctrl-C before the service installed its own handling
-        print("interrupted", file=sys.stderr)
+        log.warning("interrupted")
         sys.exit(130)
-    except expected + (UsageError,) as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, *user_errors) as exc:
+        log.error("%s", exc, exc_info=debug)
         sys.exit(2)
+    except Exception as exc:
+        log.critical(
+            "a bug in %s, not a problem with your input: %s: %s (the traceback follows; please report it)",
+            service,
+            type(exc).__name__,
+            exc,
+            exc_info=True,
+        )
+        sys.exit(1)

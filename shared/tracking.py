@@ -18,9 +18,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from shared.config import Config
+from shared.errors import UserError
 
 WANDB_FLUSH_INTERVAL_S = 0.25
 """How often W&B's service writes logged rows to its file (its default, 15 s, loses that much on a kill)."""
+
+
+class TrackingError(UserError, ValueError):
+    """W&B cannot start with this config (no network, a bad key or entity...): the message says how to go on."""
 
 
 def has_wandb_credentials() -> bool:
@@ -59,7 +64,7 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - W&B raises many types; all mean "cannot log there"
                 if created:  # leave no half-made folder behind
                     shutil.rmtree(created[-1], ignore_errors=True)
-                raise ValueError(
+                raise TrackingError(
                     f"W&B ({self.mode}) could not start: {exc}; set wandb.mode=offline or disabled"
                 ) from None
 

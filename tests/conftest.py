@@ -95,6 +95,7 @@ def run_service(
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
+        check=False,
         cwd=REPO,
         env=service_env(**(env_extra or {})),
         capture_output=True,
@@ -123,6 +124,39 @@ def start_service(module: str, *args: str, log: Path, env_extra: dict | None = N
         text=True,
     )
     _STARTED.append(proc)
+    return proc
+
+
+def start_trainer_saving(
+    cfg: Path,
+    log: Path,
+    step: int,
+    *,
+    published: tuple[int, ...] = (),
+    slow_save_s: float = 0.5,
+    env_extra: dict | None = None,
+) -> subprocess.Popen:
+    """Start the trainer with every save slowed by `slow_save_s` (MATH_SFT_FAULT_SLOW_SAVE_S) and return it once the
+    save of `step` is in progress (its temporary folder exists) with the steps `published` already published."""
+    from shared.config import load_config
+    from shared.protocol import READY, RunLayout
+
+    layout = RunLayout(load_config(cfg).run_dir)
+    proc = start_service(
+        "trainer",
+        "--config",
+        cfg,
+        log=log,
+        env_extra={**(env_extra or {}), "MATH_SFT_FAULT_SLOW_SAVE_S": str(slow_save_s)},
+    )
+    wait_for(
+        lambda: (
+            layout.tmp_checkpoint_dir(step).exists()
+            and all((layout.checkpoint_dir(s) / READY).exists() for s in published)
+        ),
+        120,
+        f"the save of step {step}" + (f" after steps {list(published)} were published" if published else ""),
+    )
     return proc
 
 

@@ -67,6 +67,17 @@ def test_unknown_top_level_key(tmp_path):
         ("evaluation:\n  sets: {a: {nn: 3}}\n", r"unknown key 'evaluation.sets.a.nn'; did you mean 'n'\?"),
         ("evaluation:\n  sets: {a: {n: 4, temperature: 0}}\n", r"evaluation.sets.a.n: 4 samples at temperature 0"),
         ("evaluation:\n  sets: {wandb: {}}\n", r"a set name must be a plain folder name, not wandb"),
+        ("evaluation:\n  sets: {snapshots: {}}\n", r"a set name must be a plain folder name, not .*snapshots"),
+        ("evaluation:\n  max_attempts: 0\n", r"evaluation.max_attempts: must be > 0, got 0"),
+        ("evaluation:\n  generate_timeout_s: 0\n", r"evaluation.generate_timeout_s: must be > 0, got 0"),
+        (
+            "evaluation:\n  heartbeat_timeout_s: 600\n",
+            r"evaluation.heartbeat_timeout_s: must exceed evaluation.generate_timeout_s \(600 s\)",
+        ),
+        (
+            "evaluation:\n  heartbeat_timeout_s: 100\n  generate_timeout_s: 30\n",
+            r"evaluation.heartbeat_timeout_s: must exceed evaluation.engine_start_timeout_s \(300 s\)",
+        ),
         ("evaluation:\n  sets: {a: {data: {pat: x}}}\n", r"unknown key 'evaluation.sets.a.data.pat'"),
         ("training:\n  keep_best: {set: b}\n", r"training.keep_best.set: no evaluation set 'b'; the sets: main"),
         (
@@ -102,7 +113,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
     )
     assert cfg.training.learning_rate == 1e-5
     assert cfg.evaluation.stop == ["</answer>", "END"]
-    with pytest.raises(ConfigError, match="unknown key 'training.lr'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'training\.lr'"):
         load_config(write(tmp_path, ""), ["training.lr=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(write(tmp_path, ""), ["training.learning_rate"])
@@ -124,8 +135,10 @@ def test_hash_changes_with_content():
 
 def test_config_and_protocol_import_without_torch_or_vllm():
     code = (
-        "import sys; import shared.config, shared.protocol, shared.data, shared.launch, shared.tracking, evaluator.scheduler, evaluator.watcher;"
-        "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+        "import sys; import shared.config, shared.protocol, shared.data, shared.launch, shared.tracking, "
+        "evaluator.scheduler, evaluator.watcher; "
+        "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]; print(bad); "
+        "sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -6,8 +6,8 @@ from conftest import GSM8K_DIR, REPO
 from shared.config import DatasetConfig
 from shared.data import (
     DataError,
-    gsm8k_final_answer,
     generate_arithmetic,
+    gsm8k_final_answer,
     last_boxed,
     load_dataset,
     load_prompt_template,
@@ -124,7 +124,7 @@ def test_prompt_template(tmp_path):
     t = load_prompt_template(__import__("conftest").REPO / "prompts" / "r1_zero.prompt")
     assert t.endswith("User: {question}\nAssistant: <think>")
     (tmp_path / "bad.prompt").write_text("no placeholder")
-    with pytest.raises(DataError, match="no {question} placeholder"):
+    with pytest.raises(DataError, match=r"no \{question\} placeholder"):
         load_prompt_template(tmp_path / "bad.prompt")
 
 

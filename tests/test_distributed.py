@@ -208,13 +208,12 @@ def _rank_pids(parent_pid: int) -> dict[int, int]:
 def test_a_stop_on_any_rank_stops_all_at_the_same_step(tmp_path, make_config, how):
     """Both ranks leave after the same step, the pending checkpoint completes, every rank exits 0, and the
     run resumes from it; none waits in a collective (the old way: until a timeout, then exit 2)."""
+    import os
     import signal
     import time
 
     from conftest import wait_for
     from shared.protocol import READY, list_ready_checkpoints
-
-    import os
 
     cfg = make_config({"training": {"max_steps": 400, "eval_every": 4, "gpus": [0, 1]}})
     layout = RunLayout(tmp_path / "runs" / "tiny")
@@ -242,10 +241,10 @@ def test_a_stop_on_any_rank_stops_all_at_the_same_step(tmp_path, make_config, ho
         argv = [sys.executable, "-m", "trainer", "--config", str(cfg)]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: (layout.checkpoint_dir(4) / READY).exists(), 180, "two checkpoints")
+        wait_for((layout.checkpoint_dir(4) / READY).exists, 180, "two checkpoints")
         t0 = time.monotonic()
         if how == "sigterm-to-rank-1":
-            ranks = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(_rank_pids(proc.pid)), 30, "the two ranks")
+            ranks = wait_for(lambda: r if len(r := _rank_pids(proc.pid)) == 2 else None, 30, "the two ranks")
             os.kill(ranks[1], signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to `make train`'s process

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,8 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ledger_of, publish_copy, run_service, service_env, start_service, wait_for
-from shared.protocol import READY, RunLayout, Status, list_ready_checkpoints, verify_checkpoint
+from conftest import (
+    REPO,
+    ledger_of,
+    publish_copy,
+    run_service,
+    service_env,
+    start_service,
+    start_trainer_saving,
+    wait_for,
+)
+from shared.protocol import RunLayout, Status, list_ready_checkpoints, verify_checkpoint
 
 SLOW_EVAL = {"evaluation": {"num_samples": 40, "max_tokens": 64, "hf_batch_size": 1}}
 
@@ -67,15 +77,9 @@ def test_two_terminals(tmp_path, make_config, evaluator_first):
 
 
 def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_run):
-    """A frozen evaluator (SIGSTOP while it holds a checkpoint) does not slow the trainer down."""
-
-    def timed_training(cfg):
-        t0 = time.monotonic()
-        run_service("trainer", "--config", cfg)
-        return time.monotonic() - t0
-
-    updates = {"training": {"max_steps": 12}}
-    alone = timed_training(make_config({**updates, "run_name": "alone"}))
+    """A frozen evaluator (SIGSTOP while it holds a checkpoint) does not hold the trainer: judged by what the trainer
+    itself records of every save (how long it held the loop, how long it waited for the save before it, retention
+    and its locks included), not by a wall-clock ratio that a busy machine can break."""
     run = tmp_path / "runs" / "tiny"
     publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
     evaluator = start_service(
@@ -87,19 +91,25 @@ def test_trainer_never_waits_for_the_evaluator(tmp_path, make_config, trained_ru
         # RUNNING: a holder frozen inside a lock is test_retention_gives_up_on_a_lock_held_by_a_frozen_process.
         time.sleep(1.0)
         evaluator.send_signal(signal.SIGSTOP)
-        # the run now holds a step the frozen evaluator leases: the trainer resumes from it and trains on, with
-        # retention deleting everything else it may (the frozen evaluator's heartbeat is fresh for 60 s)
-        with_frozen = timed_training(
-            make_config({**updates, "training": {**updates["training"], "keep_last": 1}}, name="t.yaml")
+        # the run now holds a step the frozen evaluator has claimed: the trainer resumes from it and trains on, with
+        # retention deleting what it may (the frozen evaluator's heartbeat is fresh for 60 s)
+        trainer = run_service(
+            "trainer", "--config", make_config({"training": {"max_steps": 12, "keep_last": 1}}, name="t.yaml")
         )
     finally:
         evaluator.send_signal(signal.SIGCONT)
         stop(evaluator)
-    assert with_frozen < alone * 1.5 + 3, (alone, with_frozen)
-    rows = [r for r in train_rows(run) if "train/checkpoint_blocked_s" in r]
-    assert rows and all(r["train/checkpoint_blocked_s"] < 1.0 for r in rows)
-    # retention kept the leased step 2 (published before the trainer started) while deleting others
-    assert 2 in list_ready_checkpoints(RunLayout(run).checkpoints_dir)
+    saves = {r["train_step"]: r for r in train_rows(run) if "train/checkpoint_blocked_s" in r}
+    assert sorted(saves) == [4, 6, 8, 10, 12], sorted(saves)  # every save made, none skipped or failed
+    # A save that waited for the evaluator waits until it resumes (never, here) or, in retention, for a lock up to
+    # RETENTION_LOCK_TIMEOUT_S (5 s) and then says so: a tiny model's save takes milliseconds.
+    held = {step: (r["train/checkpoint_blocked_s"], r["train/checkpoint_waited_s"]) for step, r in saves.items()}
+    assert all(blocked < 2.5 and waited < 2.5 for blocked, waited in held.values()), held
+    assert not re.search(r"retention .* skipped", trainer.stdout + trainer.stderr)  # no lock waited for to the end
+    # retention was not held either: despite the frozen evaluator's claim it bounded the disk to keep_last (1) +
+    # max_unevaluated (2) checkpoints (it decides from results only, never from leases: shared/protocol/retention.py)
+    left = list_ready_checkpoints(RunLayout(run).checkpoints_dir)
+    assert 12 in left and len(left) <= 3, sorted(left)
 
 
 # ------------------------------------------------------------------------------- 2. evaluator restart
@@ -162,23 +172,17 @@ def test_trainer_sigkill_mid_save_then_resume(tmp_path, make_config):
     run = tmp_path / "runs" / "tiny"
     layout = RunLayout(run)
     evaluator = start_service("evaluator", "--config", cfg, log=tmp_path / "eval.log")
-    trainer = start_service(
-        "trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
-    )
-    wait_for(
-        lambda: layout.tmp_checkpoint_dir(4).exists() and (layout.checkpoint_dir(2) / READY).exists(),
-        120,
-        "save of step 4",
-    )
+    trainer = start_trainer_saving(cfg, tmp_path / "train.log", 4, published=(2,))
     trainer.send_signal(signal.SIGKILL)
     trainer.wait(10)
     time.sleep(2)  # the evaluator sees the partial directory's events and must not touch it
     assert 4 not in ledger_of(run)
     eval_log = (tmp_path / "eval.log").read_text()
     assert ".tmp_step" not in eval_log and "Warning" not in eval_log and "Traceback" not in eval_log
-    assert all(4 not in json.loads(p.read_text())["steps"] for p in layout.leases_dir.glob("*.json"))
+    assert all(json.loads(p.read_text()).get("step") != 4 for p in layout.leases_dir.glob("*.json"))  # none at it
     proc = subprocess.run(
         ["make", "-s", "train", f"CONFIG={cfg}"],
+        check=False,
         cwd=REPO,
         env=service_env(),
         capture_output=True,
@@ -203,6 +207,7 @@ def test_make_eval_after_the_fact(run_copy, tmp_path, make_config):
     def make_eval(*args):
         return subprocess.run(
             ["make", "-s", "eval", f"CONFIG={cfg}", *args],
+            check=False,
             cwd=REPO,
             env=service_env(),
             capture_output=True,
@@ -254,10 +259,7 @@ def test_burst_newest_next(trained_run, tmp_path, make_config, backfill):
 def test_trainer_ctrl_c_finishes_the_pending_checkpoint(tmp_path, make_config):
     cfg = make_config({"training": {"max_steps": 200}})
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    trainer = start_service(
-        "trainer", "--config", cfg, log=tmp_path / "train.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"}
-    )
-    wait_for(lambda: layout.tmp_checkpoint_dir(4).exists(), 120, "a save in progress")
+    trainer = start_trainer_saving(cfg, tmp_path / "train.log", 4, slow_save_s=0.3)
     trainer.send_signal(signal.SIGINT)
     assert trainer.wait(60) == 0
     assert "finishing the pending checkpoint" in (tmp_path / "train.log").read_text()
@@ -270,10 +272,11 @@ def test_trainer_ctrl_c_finishes_the_pending_checkpoint(tmp_path, make_config):
 
 
 def snapshot(root: Path) -> dict:
+    """Every file of a run but its logs/ (where a service appends its warnings and errors)."""
     return {
         str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in root.rglob("*")
-        if p.is_file()
+        if p.is_file() and p.relative_to(root).parts[0] != "logs"
     }
 
 
@@ -328,6 +331,7 @@ def test_bad_input_one_clear_line_and_nothing_changed(run_copy, tmp_path, make_c
         env_full.pop("CUDA_VISIBLE_DEVICES")
         proc = subprocess.run(
             [sys.executable, "-m", module, "--config", *args],
+            check=False,
             cwd=REPO,
             env=env_full,
             capture_output=True,
@@ -339,3 +343,7 @@ def test_bad_input_one_clear_line_and_nothing_changed(run_copy, tmp_path, make_c
         assert len(lines) == 1 and message in lines[0], (message, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert snapshot(run_copy) == before
+    # the errors met once the trainer knew its run (after reading its config) are also in the run's log, one line each
+    logged = (run_copy / "logs" / "trainer.log").read_text().splitlines()
+    expected = [message for _, _, _, message in cases[1:3] + cases[4:]]
+    assert len(logged) == len(expected) and all(m in line for m, line in zip(expected, logged, strict=True)), logged

@@ -3,7 +3,9 @@
 import json
 import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +41,7 @@ def evaluator(tmp_path, make_config):
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(20)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 proc.kill()
 
 
@@ -131,17 +133,18 @@ def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evalu
     proc = evaluator(slow)
     wait_for(lambda: status_of(run_copy, 6) == Status.RUNNING, 60, "evaluation running")
     leases = RunLayout(run_copy).leases_dir
+    eval_dir = RunLayout(run_copy).eval_dir("default")
     wait_for(
-        lambda: [json.loads(p.read_text())["steps"] for p in leases.glob("*.json")] == [[6]],
+        lambda: [json.loads(p.read_text())["step"] for p in leases.glob("*.json")] == [6],
         30,
-        "lease held while evaluating",
+        "presence advancing on step 6",
     )
+    assert [p.name[:13] for p in (eval_dir / "snapshots").iterdir()] == ["step_00000006"]  # loaded from there
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
-    eval_dir = RunLayout(run_copy).eval_dir("default")
     assert not list(eval_dir.glob("step_00000006*"))  # no partial result
     assert not [p for p in eval_dir.iterdir() if p.name.startswith(".tmp")]
-    assert not list(leases.glob("*.json"))
+    assert not list(leases.glob("*.json")) and not list((eval_dir / "snapshots").iterdir())
     entry = ledger_of(run_copy)[6]
     assert entry["status"] == Status.PENDING and entry["given_back"] and entry["attempts"] == 0
     # A newer checkpoint arrives meanwhile: the given-back step is still evaluated (first), never skipped.
@@ -209,8 +212,8 @@ def test_after_the_fact_single_checkpoint_run_and_copied_folder(run_copy, tmp_pa
     # a plain model folder without READY is accepted with a warning
     plain = tmp_path / "plain_model"
     shutil.copytree(ckpt4, plain, ignore=shutil.ignore_patterns(READY, "trainer_state"))
-    out = run_service("evaluator", "--config", cfg, "--ckpt", plain).stdout
-    assert "integrity cannot be checked" in out and "main: acc" in out
+    proc = run_service("evaluator", "--config", cfg, "--ckpt", plain)
+    assert "integrity cannot be checked" in proc.stderr + proc.stdout and "main: acc" in proc.stdout
 
 
 def test_after_the_fact_damaged_folder_is_refused_with_the_reason(run_copy, make_config):
@@ -219,10 +222,12 @@ def test_after_the_fact_damaged_folder_is_refused_with_the_reason(run_copy, make
         f.write(b" ")
     proc = run_service("evaluator", "--config", make_config(), "--ckpt", ckpt, check=False)
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip()
-        == f"error: {ckpt / 'tokenizer.json'}: size mismatch ({(ckpt / 'tokenizer.json').stat().st_size} bytes on disk, {(ckpt / 'tokenizer.json').stat().st_size - 1} in READY)"
+    size = (ckpt / "tokenizer.json").stat().st_size
+    lines = proc.stderr.strip().splitlines()  # one line: the published file named, never the snapshot
+    assert len(lines) == 1 and lines[0].endswith(
+        f"{ckpt / 'tokenizer.json'}: size mismatch ({size} bytes on disk, {size - 1} in READY)"
     )
+    assert not list(RunLayout(run_copy).eval_dir("default").glob("snapshots/*"))
 
 
 def test_a_model_that_fails_to_load_is_recorded_and_the_evaluator_goes_on(trained_run, tmp_path, evaluator):
@@ -337,7 +342,8 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
     """In-process, with the real hf backend: the order of writes of one recording."""
     import shared.protocol as protocol
     from evaluator.backends import make_backend
-    from evaluator.service import Evaluator, serve_run
+    from evaluator.evaluation import Evaluator
+    from evaluator.serving import serve_run
     from shared.config import load_config
 
     cfg = load_config(make_config(), [])
@@ -361,9 +367,9 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
 
     monkeypatch.setattr(protocol.durable, "atomic_write_bytes", spy)
     import evaluator.audit as audit
-    import evaluator.service as service
+    import evaluator.recording as recording
 
-    monkeypatch.setattr(service, "atomic_write_bytes", spy)
+    monkeypatch.setattr(recording, "atomic_write_bytes", spy)
     monkeypatch.setattr(audit, "atomic_write_bytes", spy)
     evaluator = Evaluator(cfg, make_backend(cfg.evaluation, False), None)
     try:
@@ -372,18 +378,20 @@ def test_ledger_says_done_only_after_samples_then_metrics_are_on_disk(run_copy, 
         evaluator.close()
     writes = [(kind, name) for kind, name, _ in seen if kind != "ledger"]
     assert writes == [
-        (kind, f"step_{step:08d}") for step in (0, 2, 4, 6) for kind in ("set samples", "set disagreements", "set metrics", "metrics")
+        (kind, f"step_{step:08d}")
+        for step in (0, 2, 4, 6)
+        for kind in ("set samples", "set disagreements", "set metrics", "metrics")
     ]
     assert all(all(exists.values()) for kind, _, exists in seen if kind == "ledger")
 
 
 def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuilt(
-    trained_run, make_config, capsys, tmp_path
+    trained_run, make_config, caplog, tmp_path
 ):
     """A backend whose in-place reload silently keeps the old weights (a known vLLM failure): the fingerprint
     check sees outputs unchanged for other weights and rebuilds, so step 6 is measured on step 6's weights."""
     from evaluator.backends import HFBackend
-    from evaluator.service import Evaluator
+    from evaluator.evaluation import Evaluator
     from shared.config import load_config
     from shared.protocol import read_manifest, weights_id
 
@@ -401,14 +409,11 @@ def test_stale_weights_after_an_in_place_reload_are_caught_and_the_engine_rebuil
         for step in (2, 6):
             ckpt = layout.checkpoint_dir(step)
             result, samples = evaluator.evaluate(step, ckpt, weights_id(read_manifest(ckpt)), tmp_path)
-        expected, expected_samples = honest.evaluate(6, layout.checkpoint_dir(6), "x", tmp_path)
+        _, expected_samples = honest.evaluate(6, layout.checkpoint_dir(6), "x", tmp_path)
     finally:
         evaluator.close()
         honest.close()
-    assert (
-        "outputs unchanged after an in-place reload of different weights; rebuilding the engine"
-        in capsys.readouterr().out
-    )
+    assert "outputs unchanged after an in-place reload of different weights; rebuilding the engine" in caplog.text
     assert result["load"] == "new-engine"
     assert [s["response"] for s in samples["main"]] == [s["response"] for s in expected_samples["main"]]
 
@@ -423,7 +428,7 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     """Two sets (one sampled, n=3) per checkpoint with one weight load; evaluating step 6, then 2, then 6
     again gives step 6 the same samples: each request's seed depends on what it samples, not on history."""
     from evaluator.backends import Generation, make_backend
-    from evaluator.service import Evaluator
+    from evaluator.evaluation import Evaluator
     from shared.config import load_config
 
     cfg = load_config(make_config({"evaluation": {"sets": SETS}}), [])
@@ -434,7 +439,7 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     evaluator = Evaluator(cfg, backend, None)
     # The tiny model answers nothing right yet: every other greedy response is made right after generation, so
     # that a grade given to another set's or another problem's sample shows.
-    answers = {prompt: ex.answer for es in evaluator.sets for ex, prompt in zip(es.examples, es.prompts)}
+    answers = {prompt: ex.answer for es in evaluator.sets for ex, prompt in zip(es.examples, es.prompts, strict=True)}
     real_generate = backend.generate
 
     def generate(prompts, seeds, sampling, progress=None):
@@ -448,7 +453,7 @@ def test_several_sets_share_one_load_and_samples_do_not_depend_on_history(traine
     try:
         first, first_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
         evaluator.evaluate(2, layout.checkpoint_dir(2), "w2", tmp_path)
-        again, again_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
+        _, again_samples = evaluator.evaluate(6, layout.checkpoint_dir(6), "w6", tmp_path)
     finally:
         evaluator.close()
     assert len(loads) == 3  # one per checkpoint, for both sets
@@ -497,7 +502,7 @@ def test_an_idle_watcher_does_not_spin(run_copy, tmp_path, evaluator):
     time.sleep(1.0)
 
     def cpu_s():
-        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     before = cpu_s()

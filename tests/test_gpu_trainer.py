@@ -20,6 +20,7 @@ def cuda():
 
 def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
     torch = cuda
+    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shared.config import config_from_dict
@@ -33,7 +34,6 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
         use_packed_attention,
     )
     from trainer.sft import get_response_log_probs, tokenize_prompt_and_output
-    import yaml
 
     cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()))
     data = load_dataset(cfg.training.data)[:16]
@@ -68,7 +68,7 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
                 **packed_forward_kwargs(row, device, True),
             )
         lp = out["log_probs"].cpu()
-        for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist()):
+        for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist(), strict=False):
             mask = padded["response_mask"][i, : b - a]
             worst = max(worst, float((lp[0, a:b][mask] - ref[i, : b - a][mask]).abs().max()))
             i += 1

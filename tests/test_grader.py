@@ -445,7 +445,7 @@ def test_grader_version_hashes_the_rules_and_math_verify(monkeypatch, tmp_path):
     assert grader._grader_version.__wrapped__() != version  # another math-verify: another version
     monkeypatch.undo()
     edited = tmp_path / "grader.py"
-    edited.write_text(Path(grader.__file__).read_text().replace("| R10 |", "| R10b |"))
+    edited.write_text(Path(grader.__file__).read_text().replace("R10. Numbers", "R10b. Numbers"))
     monkeypatch.setattr(grader, "__file__", str(edited))
     assert grader._grader_version.__wrapped__() != version  # another rules table: another version
 
@@ -643,11 +643,15 @@ def test_plain_script_without_main_guard_grades_all_math500_references(tmp_path)
         "from evaluator.grader import r1_zero_reward\n"
         "from shared.data import last_boxed\n"
         f"rows = [json.loads(line) for line in open({str(MATH500)!r})]\n"
-        "right = sum(r1_zero_reward('</think> <answer>' + last_boxed(r['solution']) + '</answer>', r['answer'])['reward']\n"
-        "            for r in rows)\n"
+        "right = sum(\n"
+        "    r1_zero_reward('</think> <answer>' + last_boxed(r['solution']) + '</answer>', r['answer'])['reward']\n"
+        "    for r in rows\n"
+        ")\n"
         "print(f'{int(right)}/{len(rows)}')\n"
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "500/500", proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

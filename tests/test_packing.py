@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_service
-from shared.data import load_dataset, load_prompt_template, render_prompt
 from shared.config import config_from_dict
+from shared.data import load_dataset, load_prompt_template, render_prompt
 from trainer.logprobs import linear_log_probs, response_log_probs
 from trainer.master import MasterWeights
 from trainer.packing import (
@@ -19,7 +20,6 @@ from trainer.packing import (
     use_packed_attention,
 )
 from trainer.sft import get_response_log_probs, sft_microbatch_train_step, tokenize_prompt_and_output
-import yaml
 
 
 def test_groups_keep_order_never_split_and_respect_the_budget():
@@ -40,13 +40,14 @@ def test_packed_row_keeps_each_examples_own_pairs():
     )
 
 
-def test_chunked_log_probs_gradients_and_entropy_match_full_logits():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiling: ~30 s cold
+def test_chunked_log_probs_gradients_and_entropy_match_full_logits(compiled):
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(101, 16, requires_grad=True)
     labels = torch.randint(0, 101, (37,))
     upstream = torch.randn(37)
-    log_probs, entropy = linear_log_probs(hidden, weight, labels, with_entropy=True, chunk_rows=8)
+    log_probs, entropy = linear_log_probs(hidden, weight, labels, with_entropy=True, chunk_rows=8, compiled=compiled)
     (log_probs * upstream).sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -57,6 +58,24 @@ def test_chunked_log_probs_gradients_and_entropy_match_full_logits():
     assert torch.allclose(grads[0], hidden.grad, atol=1e-5) and torch.allclose(grads[1], weight.grad, atol=1e-5)
     probs = torch.softmax(logits, -1)
     assert torch.allclose(entropy.double(), -(probs * probs.log()).sum(-1), atol=1e-5)
+
+
+def test_the_fusable_gradient_of_the_compiled_head_is_the_eager_one():
+    """The expression torch.compile fuses on CUDA (trainer.logprobs._chunk_grad_fusable), run eagerly: the same
+    gradient of the logits as the eager head's, in the logits' dtype, on a chunk whose labels repeat."""
+    from trainer.logprobs import _chunk_grad, _chunk_grad_fusable
+
+    torch.manual_seed(1)
+    logits = torch.randn(9, 50)
+    labels = torch.tensor([3, 3, 0, 49, 7, 7, 7, 1, 2])
+    log_z, grad = torch.logsumexp(logits, -1), torch.randn(9)
+    reference = (torch.nn.functional.one_hot(labels, 50) - torch.softmax(logits.double(), -1)) * grad[:, None].double()
+    fused = _chunk_grad_fusable(logits, labels, log_z, grad)
+    assert fused.dtype == logits.dtype
+    assert torch.allclose(fused.double(), reference, atol=1e-6)
+    assert torch.allclose(_chunk_grad(logits, labels, log_z, grad).double(), reference, atol=1e-6)
+    bf16 = _chunk_grad_fusable(logits.bfloat16(), labels, log_z, grad)
+    assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.double(), reference, atol=2e-2)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +121,7 @@ def test_packed_and_padded_give_the_same_log_probs_loss_and_gradients(tiny):
             row["response_mask"],
             **packed_forward_kwargs(row, torch.device("cpu"), varlen),
         )
-        for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist()):
+        for a, b in zip(row["cu_seq_lens"][:-1].tolist(), row["cu_seq_lens"][1:].tolist(), strict=False):
             n = b - a
             mask = padded["response_mask"][i, :n]
             assert torch.equal(row["response_mask"][0, a:b], mask)
@@ -111,7 +130,7 @@ def test_packed_and_padded_give_the_same_log_probs_loss_and_gradients(tiny):
         loss, _ = sft_microbatch_train_step(out["log_probs"], row["response_mask"], 1, total)
         packed_loss += loss.item()
     assert packed_loss == pytest.approx(ref_loss.item(), abs=1e-6)
-    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
+    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters(), strict=False):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
 
 
@@ -170,7 +189,7 @@ def test_bf16_with_master_weights_resumes_exactly(tmp_path, make_config):
 
     a, b = state("straight"), state("resumed")
     assert a["master_weights"][0].dtype == torch.float32
-    assert all(torch.equal(x, y) for x, y in zip(a["master_weights"], b["master_weights"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["master_weights"], b["master_weights"], strict=False))
     for name in ("straight", "resumed"):
         assert (runs / name / "checkpoints" / "step_00000006" / "model.safetensors").exists()
     assert (runs / "straight" / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes() == (

@@ -1,10 +1,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,7 @@ from shared.protocol import (
     TrainerLock,
     atomic_write_json,
     folder_weights_id,
-    live_presences,
     list_ready_checkpoints,
-    owner_alive,
     publish_checkpoint,
     ranked_results,
     read_manifest,
@@ -88,12 +84,11 @@ def test_publish_writes_manifest_last_and_verifies(layout, monkeypatch):
 def test_files_are_replaced_by_rename_never_rewritten_in_place(tmp_path):
     path = tmp_path / "x.json"
     atomic_write_json(path, {"v": 1})
-    reader = open(path)  # a reader that opened the old file keeps reading the old file, whole
-    inode = path.stat().st_ino
-    atomic_write_json(path, {"v": 2})
-    assert path.stat().st_ino != inode
-    assert json.loads(reader.read()) == {"v": 1} and json.loads(path.read_text()) == {"v": 2}
-    reader.close()
+    with open(path) as reader:  # a reader that opened the old file keeps reading the old file, whole
+        inode = path.stat().st_ino
+        atomic_write_json(path, {"v": 2})
+        assert path.stat().st_ino != inode
+        assert json.loads(reader.read()) == {"v": 1} and json.loads(path.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left
 
 
@@ -126,7 +121,7 @@ def test_version_1_manifests_still_verify_and_catch_damage(layout):
     data = bytearray((ckpt / "config.json").read_bytes())
     data[2] ^= 1
     (ckpt / "config.json").write_bytes(bytes(data))
-    with pytest.raises(CheckpointInvalid, match="config.json: content hash mismatch"):
+    with pytest.raises(CheckpointInvalid, match=r"config\.json: content hash mismatch"):
         verify_checkpoint(ckpt)
 
 
@@ -190,7 +185,7 @@ def test_bit_flip_is_caught(layout):
     data = bytearray(path.read_bytes())
     data[10] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointInvalid, match="model.safetensors: content hash mismatch"):
+    with pytest.raises(CheckpointInvalid, match=r"model\.safetensors: content hash mismatch"):
         verify_checkpoint(layout.checkpoint_dir(1))
     # Size-only check does not read the content.
     verify_checkpoint(layout.checkpoint_dir(1), check_hashes=False)
@@ -234,100 +229,6 @@ def test_tmp_dirs_are_ignored_and_removed(layout):
     assert not tmp.exists() and not half.exists() and layout.checkpoint_dir(2).exists()
 
 
-HOLDER = """
-import sys, time
-sys.path.insert(0, {repo!r})
-from pathlib import Path
-from shared.protocol import Presence, RunLayout
-presence = Presence(RunLayout(Path({run!r})), "default", watching=True, backfill=False, timeout_s={timeout}).start()
-with presence.lease(2):
-    print("holding", flush=True)
-    time.sleep(600)
-"""
-
-
-def start_holder(layout, timeout_s, prefix=()):
-    code = HOLDER.format(repo=str(REPO), run=str(layout.run_dir), timeout=timeout_s)
-    proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "holding"
-    return proc
-
-
-def test_lease_and_heartbeat_of_a_live_process_then_a_dead_one(layout):
-    for step in (2, 4, 6):
-        make_checkpoint(layout, step)
-    holder = start_holder(layout, timeout_s=30)
-    try:
-        assert [r["steps"] for r in live_presences(layout).values()] == [[2]]
-        result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={})
-        # 2 is leased; 4 is unseen by an attached (watching) evaluation: both kept, with the reason
-        assert result.deleted == [] and "leased" in result.kept_for[2] and "attached" in result.kept_for[4]
-    finally:
-        holder.kill()
-        holder.wait()
-    # Same kernel and pid namespace: a vanished pid proves it dead at once, long before its timeout.
-    assert live_presences(layout) == {}
-    result = unpublish_old_checkpoints(
-        layout, keep_last=1, eval_backfill={"default": False}
-    )  # as the trainer passes it
-    assert result.deleted == [2, 4] and not (layout.checkpoint_dir(2) / READY).exists()
-    assert result.unseen_by == {2: ["default"], 4: ["default"]}
-    entries = Ledger(layout.eval_dir("default")).read()
-    assert entries[2]["status"] == entries[4]["status"] == Status.DELETED and "retention" in entries[2]["reason"]
-
-
-@pytest.mark.skipif(
-    subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0,
-    reason="needs unshare --pid (root)",
-)
-def test_a_holder_in_another_pid_namespace_is_alive_until_its_heartbeat_stops(layout):
-    """Containers that share a host name but not a pid namespace: its pid means nothing here, so only
-    its heartbeat counts (the old check deleted a live evaluator's lease)."""
-    for step in (2, 4):
-        make_checkpoint(layout, step)
-    holder = start_holder(layout, timeout_s=2, prefix=("unshare", "--pid", "--fork", "--kill-child"))
-    try:
-        time.sleep(2.5)  # longer than its timeout: only fresh heartbeats keep it alive
-        assert [r["steps"] for r in live_presences(layout).values()] == [[2]]
-        assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == []
-    finally:
-        holder.kill()
-        holder.wait()
-    time.sleep(2.5)  # dead across namespaces: found by its stale heartbeat
-    assert live_presences(layout) == {}
-    assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == [2]
-
-
-def test_a_frozen_holder_goes_stale_and_its_claims_are_taken(layout):
-    make_checkpoint(layout, 2)
-    make_checkpoint(layout, 4)
-    holder = start_holder(layout, timeout_s=2)
-    try:
-        ((owner_id, record),) = live_presences(layout).items()
-        ledger = Ledger(layout.eval_dir("default"))
-        ledger.set(2, Status.RUNNING, owner=record["owner"], weights_id="x", attempts=1)
-        os.kill(holder.pid, signal.SIGSTOP)
-        time.sleep(2.5)
-        assert not owner_alive(layout, record["owner"])
-        assert unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={}).deleted == [2]
-        os.kill(holder.pid, signal.SIGCONT)
-        time.sleep(1.0)  # its heartbeat resumes, and it is alive again (it then finds its claim gone)
-        assert owner_id in live_presences(layout)
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_backfill_in_the_trainers_config_keeps_unseen_steps_without_an_evaluator(layout):
-    for step in (2, 4, 6):
-        make_checkpoint(layout, step)
-    Ledger(layout.eval_dir("default")).set(
-        2, Status.DONE, weights_id=weights_id(read_manifest(layout.checkpoint_dir(2)))
-    )
-    result = unpublish_old_checkpoints(layout, keep_last=1, eval_backfill={"default": True})
-    assert result.deleted == [2] and "backfill" in result.kept_for[4] and result.unseen_by == {}
-
-
 def _claim_loop(eval_dir, run_dir, steps, out):
     from shared.protocol import RunLayout
 
@@ -335,7 +236,7 @@ def _claim_loop(eval_dir, run_dir, steps, out):
     layout = RunLayout(Path(run_dir))
     while (
         got := claim_next(
-            ledger, {s: "w" for s in range(steps)}, alive=lambda o: True, backfill=False, newest_first=False
+            ledger, dict.fromkeys(range(steps), "w"), alive=lambda o: True, backfill=False, newest_first=False
         )
     ) is not None:
         won.append(got.step)
@@ -349,7 +250,8 @@ def test_claim_next_is_exclusive_across_processes(tmp_path):
     the lock they would take the same steps."""
     outs = [tmp_path / f"won{i}.json" for i in range(3)]
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, {repo!r}); from tests.test_protocol import _claim_loop; "
+        "import sys; from pathlib import Path; sys.path.insert(0, {repo!r}); "
+        "from tests.test_protocol import _claim_loop; "
         "_claim_loop({eval!r}, {run!r}, 12, Path(sys.argv[1]))"
     )
     code = code.format(repo=str(REPO), eval=str(tmp_path / "eval"), run=str(tmp_path))
@@ -364,20 +266,69 @@ def test_one_trainer_per_run(tmp_path):
     layout = RunLayout(tmp_path / "run")
     code = (
         "import sys, time; sys.path.insert(0, {repo!r}); from shared.protocol import TrainerLock, RunLayout; "
-        "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))):\n    print('locked', flush=True); time.sleep(600)"
+        "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))):\n"
+        "    print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
         [sys.executable, "-c", code.format(repo=str(REPO), run=str(layout.run_dir))], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunInUse, match=rf"another trainer is training this run \(pid {holder.pid} on"):
-            with TrainerLock(layout):
-                pass
+        with (
+            pytest.raises(RunInUse, match=rf"another trainer is training this run \(pid {holder.pid} on"),
+            TrainerLock(layout),
+        ):
+            pass
     finally:
         holder.kill()
         holder.wait()
     with TrainerLock(layout):  # the kernel released a dead holder's lock
+        pass
+
+
+def test_a_new_run_appears_with_its_lock_held_and_a_refused_trainer_deletes_nothing(tmp_path):
+    """The run directory is made under a temporary name with the lock taken inside, then renamed into place:
+    whoever sees it sees it locked. A second TrainerLock (another process) is refused and removes nothing."""
+    layout = RunLayout(tmp_path / "runs" / "new")
+    code = (
+        "import sys, time; sys.path.insert(0, {repo!r}); from shared.protocol import TrainerLock, RunLayout; "
+        "from pathlib import Path\nwith TrainerLock(RunLayout(Path({run!r}))) as lock:\n"
+        "    print('locked', lock.created, flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code.format(repo=str(REPO), run=str(layout.run_dir))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().split() == ["locked", "True"]
+        assert sorted(p.name for p in layout.run_dir.iterdir()) == [".trainer.json", ".trainer.lock"]
+        assert [p.name for p in layout.run_dir.parent.iterdir()] == ["new"]  # no temporary folder left
+        with (
+            pytest.raises(RunInUse, match=rf"another trainer is training this run \(pid {holder.pid} on"),
+            TrainerLock(layout),
+        ):
+            raise AssertionError("not reached")
+        assert sorted(p.name for p in layout.run_dir.iterdir()) == [".trainer.json", ".trainer.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_failed_start_removes_only_a_run_it_created(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    with pytest.raises(ZeroDivisionError), TrainerLock(layout) as lock:
+        assert lock.created and layout.run_dir.is_dir()
+        with TrainerLock(layout) as inner:  # python -m trainer takes the lock, then train() does: it nests
+            assert not inner.created
+        raise ZeroDivisionError("the start failed")
+    assert not layout.run_dir.exists()  # made by this start, nothing of value in it: gone again
+    layout.checkpoints_dir.mkdir(parents=True)
+    with pytest.raises(ZeroDivisionError), TrainerLock(layout) as lock:
+        assert not lock.created
+        raise ZeroDivisionError("the start failed")
+    assert layout.checkpoints_dir.is_dir() and layout.trainer_lock_path.is_file()  # not this start's: kept
+    (layout.run_dir / "eval").mkdir()
+    shutil.rmtree(layout.checkpoints_dir)
+    with TrainerLock(layout):  # the lock is free again after each
         pass
 
 
@@ -423,10 +374,10 @@ def test_best_ranks_only_results_of_the_weights_on_disk_and_the_link_follows(lay
     result(6, 0.7)
     assert update_best(layout, rule) == 6
     assert layout.best_path.resolve() == layout.checkpoint_dir(6).resolve()
-    outcome = unpublish_old_checkpoints(layout, 1, {}, rule)
+    outcome = unpublish_old_checkpoints(layout, 1, 0, (), rule)
     assert outcome.deleted == [2, 4] and outcome.kept_for == {}  # 6: the newest and the best, kept anyway
     # keep_best turned off: no link to a step retention no longer protects
-    unpublish_old_checkpoints(layout, 1, {})
+    unpublish_old_checkpoints(layout, 1, 0)
     assert not layout.best_path.is_symlink()
 
 
@@ -453,40 +404,9 @@ def test_best_compares_only_results_of_one_evaluation_config_and_retention_keeps
     result(6, 0.7, 1024, time=2.0)
     assert ranked_results(layout, "default", "s", "accuracy") == [[(0.7, 6), (0.5, 4)], [(0.9, 2)]]
     assert update_best(layout, rule) == 6
-    outcome = unpublish_old_checkpoints(layout, 1, {}, rule)
+    outcome = unpublish_old_checkpoints(layout, 1, 0, (), rule)
     assert outcome.deleted == [4] and "under an earlier evaluation config" in outcome.kept_for[2]
     assert 6 in outcome.kept_for and sorted(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 6, 8]
     result(2, 0.8, 1024, time=3.0)
     assert update_best(layout, rule) == 2
-    assert unpublish_old_checkpoints(layout, 1, {}, rule).deleted == [6]
-
-
-def test_retention_gives_up_on_a_lock_held_by_a_frozen_process(layout):
-    """Another process holds the leases lock and never lets go (frozen inside it): retention raises after
-    RETENTION_LOCK_TIMEOUT_S instead of waiting, and deletes nothing (the trainer tries again at the next save)."""
-    from filelock import Timeout
-
-    for step in (2, 4, 6):
-        make_checkpoint(layout, step, payload=bytes([step]) * 100)
-    layout.leases_dir.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire();"
-            " print('held', flush=True); time.sleep(120)",
-            str(layout.leases_dir / ".lock"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
-        with pytest.raises(Timeout):
-            unpublish_old_checkpoints(layout, 1, {})
-        assert time.monotonic() - t0 < protocol.RETENTION_LOCK_TIMEOUT_S + 2
-        assert sorted(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 4, 6]
-    finally:
-        holder.kill()
-        holder.wait()
+    assert unpublish_old_checkpoints(layout, 1, 0, (), rule).deleted == [6]

@@ -67,9 +67,16 @@ def test_regrade_writes_new_metrics_beside_the_old_and_prints_the_flips(tmp_path
     eval_dir = tmp_path / "eval"
     write_eval(eval_dir, 100, None)
     write_eval(eval_dir, 200, None)
+    average_dir = eval_dir / "average_last_2"  # an averaged checkpoint's results (evaluator/averaging.py's layout)
+    write_eval(average_dir, 200, None)
+    averaged = json.loads(result_file(average_dir, 200).read_text())
+    result_file(average_dir, 200).write_text(json.dumps({**averaged, "average": {"last": 2, "steps": [100, 200]}}))
     proc = regrade(eval_dir)
     assert proc.returncode == 0, proc.stderr
     version = grader_version()
+    assert "regraded 3 set results" in proc.stdout and f"averaged checkpoints, {average_dir}:" in proc.stdout
+    entry = json.loads(result_file(average_dir, 200).read_text())["sets"]["main"]["regraded"][version]
+    assert entry["metrics"]["accuracy"] == 0.25 and (average_dir / "main" / entry["samples"]).is_file()
     assert "accuracy 0.7500 -> 0.2500" in proc.stdout and f"unversioned -> {version}" in proc.stdout
     assert "problem 0 sample 0: right -> wrong" in proc.stdout and "problem 1 sample 0: right -> wrong" in proc.stdout
     for step in (100, 200):

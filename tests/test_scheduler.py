@@ -1,13 +1,12 @@
 """Scheduling decisions over a real ledger file and real heartbeats (the evaluator's processes are tested elsewhere)."""
 
-import json
 import os
 import uuid
 
 import pytest
 
-from evaluator.scheduler import MAX_ATTEMPTS, claim_next, claim_step, give_back
-from shared.protocol import Ledger, Presence, RunLayout, Status, current_owner, owner_alive
+from evaluator.scheduler import claim_next, claim_step, give_back, give_back_failed
+from shared.protocol import Ledger, Liveness, Presence, RunLayout, Status, current_owner
 
 
 @pytest.fixture
@@ -17,12 +16,12 @@ def run(tmp_path):
     return layout
 
 
-def alive_in(layout):
-    return lambda owner: owner.get("id") == current_owner()["id"] or owner_alive(layout, owner)
+def alive_in(layout, timeout_s=60.0):
+    return Liveness(layout, timeout_s, current_owner()["id"]).alive
 
 
 def ready(*steps, weights="w1"):
-    return {s: weights for s in steps}
+    return dict.fromkeys(steps, weights)
 
 
 def dead_owner():
@@ -75,37 +74,68 @@ def test_after_the_fact_fills_in_everything_missing_oldest_first(run):
     assert order == [4, 8, 10]  # failed ones are not retried automatically
 
 
-def test_interrupted_step_is_retried_once_then_failed(run):
+def test_interrupted_step_is_retried_until_max_attempts_then_failed(run):
     ledger = Ledger(run.eval_dir("default"))
     ledger.set(4, Status.RUNNING, owner=dead_owner(), attempts=1, weights_id="w1")
     ledger.set(2, Status.DONE, weights_id="w1")
-    got = claim(ledger, run, ready(2, 4, 6))
+    got = claim(ledger, run, ready(2, 4, 6), max_attempts=2)
     assert (got.step, got.interrupted) == (4, True)  # before the newer 6
-    assert ledger.read()[4]["attempts"] == MAX_ATTEMPTS
+    assert ledger.read()[4]["attempts"] == 2
     ledger.update(lambda e: e[4].update(owner=dead_owner()))
-    got = claim(ledger, run, ready(2, 4, 6))
+    got = claim(ledger, run, ready(2, 4, 6), max_attempts=2)
     assert got.step == 6
-    assert ledger.read()[4]["status"] == Status.FAILED
+    assert ledger.read()[4]["status"] == Status.FAILED and "2 attempts failed" in ledger.read()[4]["reason"]
 
 
-def test_a_claim_is_alive_while_its_owner_heartbeats_and_dead_when_it_goes_stale(run):
+def test_a_claim_is_kept_while_its_owner_is_present_and_taken_once_it_is_gone(run):
     ledger = Ledger(run.eval_dir("default"))
-    other = Presence(run, "default", watching=True, backfill=False, timeout_s=60).start()
+    other = Presence(run, "default", watching=True, backfill=False, timeout_s=60)
+    other.owner = {**other.owner, "id": "someone-else"}  # a second evaluator: its own id, its own record
+    other.path = run.leases_dir / "someone-else.json"
+    other.start()
     try:
-        owner = {**other.owner, "id": "someone-else"}
-        other.owner = owner  # a second evaluator: its own id, its own heartbeat file
-        other.path = run.leases_dir / "someone-else.json"
-        other._write()
-        ledger.set(6, Status.RUNNING, owner=owner, attempts=1, weights_id="w1")
-        assert claim(ledger, run, ready(6)) is None
-        assert claim(ledger, run, ready(6), newest_first=False) is None
-        stale = {**json.loads(other.path.read_text()), "heartbeat_time": 0}
-        other.stop()
-        other.path.write_text(json.dumps(stale))  # frozen: the file is there, the heartbeat is old
-        got = claim(ledger, run, ready(6))
-        assert (got.step, got.interrupted) == (6, True)
+        alive = alive_in(run)  # the staleness clock itself is tested in tests/test_presence.py
+        ledger.set(6, Status.RUNNING, owner=other.owner, attempts=1, weights_id="w1")
+        assert claim_next(ledger, ready(6), alive=alive, backfill=False, newest_first=True) is None
+        assert claim_next(ledger, ready(6), alive=alive, backfill=False, newest_first=False) is None
     finally:
-        other.stop()
+        other.stop()  # its record removed: nothing of it runs
+    got = claim_next(ledger, ready(6), alive=alive, backfill=False, newest_first=True)
+    assert (got.step, got.interrupted) == (6, True)
+
+
+def test_a_transient_failure_gives_the_step_back_with_its_reason_until_max_attempts(run):
+    ledger = Ledger(run.eval_dir("default"))
+    me = current_owner()["id"]
+    for attempt in (1, 2):
+        got = claim(ledger, run, ready(4) if attempt == 1 else ready(4, 6), max_attempts=3)
+        assert got.step == 4 and got.interrupted == (attempt > 1)  # given back: first, before the newer 6
+        assert give_back_failed(ledger, 4, me, f"oom {attempt}", 3) == Status.PENDING
+        entry = ledger.read()[4]
+        assert entry["given_back"] and entry["attempts"] == attempt
+        assert [a["reason"] for a in entry["failed_attempts"]] == [f"oom {n}" for n in range(1, attempt + 1)]
+    got = claim(ledger, run, ready(4), max_attempts=3)
+    assert (got.step, got.interrupted) == (4, True) and ledger.read()[4]["attempts"] == 3
+    assert give_back_failed(ledger, 4, me, "oom 3", 3) == Status.FAILED
+    entry = ledger.read()[4]
+    assert entry["status"] == Status.FAILED and entry["reason"] == "3 attempts failed; the last: oom 3"
+    assert len(entry["failed_attempts"]) == 3 and claim(ledger, run, ready(4), max_attempts=3) is None
+    assert give_back_failed(ledger, 4, me, "late", 3) is None  # not held: nothing changes
+
+
+def test_a_step_of_another_evaluation_config_is_not_yet_evaluated(run):
+    ledger = Ledger(run.eval_dir("default"))
+    ledger.set(4, Status.DONE, weights_id="w1", eval_config_id="old")
+    assert claim(ledger, run, ready(4), config_id="old") is None
+    got = claim(ledger, run, ready(4), config_id="new")
+    assert got.step == 4 and got.reconfigured and not got.replaced
+    assert ledger.read()[4]["eval_config_id"] == "new" and ledger.read()[4]["attempts"] == 1
+    ledger.set(5, Status.DONE, weights_id="w1", eval_config_id="old")
+    assert claim_step(ledger, 5, "w1", alive=alive_in(run), force=False, config_id="old") == (
+        False,
+        "already evaluated",
+    )
+    assert claim_step(ledger, 5, "w1", alive=alive_in(run), force=False, config_id="new") == (True, "")
 
 
 def test_given_back_step_is_first_pending_and_not_an_attempt(run):

@@ -90,7 +90,7 @@ def test_paired_bootstrap_against_a_slow_reference():
     before = [[float(rng.random() < 0.4) for _ in range(4)] for _ in range(25)]
     after = [[float(rng.random() < 0.6) for _ in range(4)] for _ in range(25)]
     result = stats.paired_comparison(before, after, 400, 9)
-    deltas = [sum(b) / 4 - sum(a) / 4 for a, b in zip(before, after)]
+    deltas = [sum(b) / 4 - sum(a) / 4 for a, b in zip(before, after, strict=True)]
     observed = sum(deltas) / len(deltas)
     replicates = [sum(deltas[p] for p in row) / len(deltas) for row in stats.problem_draws(25, 400, 9)]
     far = sum(abs(r - observed) >= abs(observed) - 1e-12 for r in replicates)

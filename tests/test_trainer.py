@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,9 +15,10 @@ from conftest import REPO, rewind_copy, run_service, service_env, start_service,
 from shared.protocol import (
     READY,
     Ledger,
-    Presence,
+    RunInUse,
     RunLayout,
     Status,
+    TrainerLock,
     list_ready_checkpoints,
     read_manifest,
     verify_checkpoint,
@@ -101,8 +103,8 @@ def test_resume_gives_the_same_losses(trained_run, tmp_path, make_config):
     resumed = {r["train_step"]: r["train/loss"] for r in train_log(run)}
     straight = {r["train_step"]: r["train/loss"] for r in train_log(trained_run)}
     assert sorted(resumed) == [3, 4, 5, 6]
-    for step in resumed:
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-6)
     for step in (4, 6):
         a = (RunLayout(run).checkpoint_dir(step) / "model.safetensors").read_bytes()
         b = (RunLayout(trained_run).checkpoint_dir(step) / "model.safetensors").read_bytes()
@@ -125,10 +127,11 @@ def test_a_save_due_while_the_previous_is_written_is_skipped_and_said_not_waited
     cfg = make_config({"training": {"checkpoint_when_busy": "skip"}})
     layout = RunLayout(tmp_path / "runs" / "tiny")
     # each file of a save takes 1 s more: step 0's save (7 files) is still in flight when steps 2 and 4 are due
-    out = run_service("trainer", "--config", cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"}).stdout
+    proc = run_service("trainer", "--config", cfg, env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "1.0"})
+    out = proc.stdout + proc.stderr
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 6]
     for step in (2, 4):
-        assert f"warning: step {step} not saved: the checkpointer is still writing step 0" in out
+        assert f"WARNING step {step} not saved: the checkpointer is still writing step 0" in proc.stderr
     assert "2 not saved, the disk being behind: steps [2, 4]" in out
     rows = [json.loads(line) for line in (layout.run_dir / "train_log.jsonl").read_text().splitlines()]
     skipped = {r["train_step"]: r["train/checkpoints_skipped"] for r in rows if "train/checkpoints_skipped" in r}
@@ -206,6 +209,7 @@ def test_write_error_during_save_fails_loudly_and_keeps_earlier_checkpoints(tmp_
 
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", "--config", make_config({"training": {"max_steps": 4}})],
+        check=False,
         cwd=REPO,
         env=service_env(),
         capture_output=True,
@@ -222,35 +226,37 @@ def test_write_error_during_save_fails_loudly_and_keeps_earlier_checkpoints(tmp_
     assert (layout.checkpoint_dir(2) / "model.safetensors").read_bytes() == before
 
 
-def test_retention_keeps_leased_and_needed_checkpoints(tmp_path, make_config):
+def test_retention_is_bounded_whatever_the_ledger_says(tmp_path, make_config):
+    """An evaluation that claimed step 4 and never came back, and one more step pending: neither pins a step.
+    keep_last=1 and max_unevaluated (its default, 2) keep the newest step and the 2 newest unevaluated ones; the
+    rest is deleted, logged and recorded `deleted`."""
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    cfg = make_config({"training": {"max_steps": 10, "keep_last": 1}})
     run_service("trainer", "--config", make_config({"training": {"max_steps": 2, "keep_last": 1}}, name="first.yaml"))
-    Ledger(layout.eval_dir("default")).set(6, Status.PENDING)  # an evaluator still means to back-fill 6
-    presence = Presence(layout, None, watching=False, backfill=False).start()  # a live evaluator, not watching
-    try:
-        with presence.lease(2):
-            out = run_service("trainer", "--config", cfg).stdout
-            assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 6, 10]
-    finally:
-        presence.stop()
-    for step in (2, 6, 10):
+    ledger = Ledger(layout.eval_dir("default"))
+    ledger.set(2, Status.RUNNING, owner={"id": "gone"}, weights_id=weights_id(read_manifest(layout.checkpoint_dir(2))))
+    ledger.set(4, Status.PENDING)
+    proc = run_service("trainer", "--config", make_config({"training": {"max_steps": 10, "keep_last": 1}}))
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [6, 8, 10]
+    for step in (6, 8, 10):
         verify_checkpoint(layout.checkpoint_dir(step))
-    assert "retention: keeping step 2 beyond keep_last=1: leased by an evaluator" in out
-    assert "retention: keeping step 6 beyond keep_last=1: evaluation 'default' means to evaluate it (pending)" in out
-    # 4 and 8 were never evaluated: deleted, said so, and recorded
-    assert "retention: deleted step 4 before evaluation(s) default saw it" in out
-    entries = Ledger(layout.eval_dir("default")).read()
-    assert entries[4]["status"] == entries[8]["status"] == Status.DELETED
+    out = proc.stdout + proc.stderr
+    for step in (0, 2, 4):
+        assert f"retention: deleted step {step} before evaluation(s) default finished it" in out
+    entries = ledger.read()
+    assert [entries[step]["status"] for step in (0, 4)] == [Status.DELETED] * 2
+    assert entries[2]["status"] == Status.RUNNING  # a claim is left to its evaluator (it evaluates a snapshot)
+    assert not layout.checkpoint_dir(2).exists() and not layout.checkpoint_dir(4).exists()
 
 
 def write_known_results(layout: RunLayout, accuracy_by_step: dict[int, float]) -> None:
-    """Evaluation results as the evaluator writes them, for the weights now in each step's folder."""
+    """Evaluation results as the evaluator writes them, for the weights now in each step's folder, and the
+    ledger's `done` entries."""
     for step, accuracy in accuracy_by_step.items():
         weights = weights_id(read_manifest(layout.checkpoint_dir(step)))
         result = {"step": step, "weights_id": weights, "sets": {"main": {"metrics": {"accuracy": accuracy}}}}
         layout.result_path("default", step).parent.mkdir(parents=True, exist_ok=True)
         layout.result_path("default", step).write_text(json.dumps(result))
+        Ledger(layout.eval_dir("default")).set(step, Status.DONE, weights_id=weights)
 
 
 def test_keep_best_keeps_the_best_evaluated_checkpoints_and_points_at_the_best(run_copy, make_config):
@@ -258,11 +264,12 @@ def test_keep_best_keeps_the_best_evaluated_checkpoints_and_points_at_the_best(r
     write_known_results(layout, {0: 0.5, 2: 0.9, 4: 0.1, 6: 0.3})
     retention = {"keep_last": 1, "keep_best": {"k": 2, "metric": "accuracy"}}
     out = run_service("trainer", "--config", make_config({"training": {"max_steps": 10, **retention}})).stdout
-    # the 2 best (2: 0.9, 0: 0.5) and the newest; 4 and 6 (evaluated, worse) and 8 (never evaluated) go
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 10]
+    # the 2 best (2: 0.9, 0: 0.5), the newest and 8 (not evaluated: max_unevaluated); 4 and 6 (evaluated, worse) go
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 8, 10]
     assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == [
         "step_00000000",
         "step_00000002",
+        "step_00000008",
         "step_00000010",
     ]
     assert "keeping step 2 beyond keep_last=1: one of the 2 best by main accuracy (0.9)" in out
@@ -272,7 +279,7 @@ def test_keep_best_keeps_the_best_evaluated_checkpoints_and_points_at_the_best(r
     write_known_results(layout, {10: 0.95})
     run_service("trainer", "--config", make_config({"training": {"max_steps": 12, **retention}}, name="more.yaml"))
     assert layout.best_path.resolve() == layout.checkpoint_dir(10).resolve()
-    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 10, 12]
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [2, 8, 10, 12]
 
 
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
@@ -286,11 +293,35 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
         second = run_service("trainer", "--config", cfg, check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"another trainer is training this run (pid {first.pid} on" in second.stderr
-        assert first.poll() is None and layout.tmp_checkpoint_dir(2).exists() or layout.checkpoint_dir(2).exists()
+        assert (first.poll() is None and layout.tmp_checkpoint_dir(2).exists()) or layout.checkpoint_dir(2).exists()
         assert first.wait(120) == 0
     finally:
         first.kill()
     assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 4, 6]
+
+
+def test_two_trainers_starting_at_once_on_a_new_run_one_trains_and_the_other_deletes_nothing(tmp_path, make_config):
+    """Both wait at a start barrier just before taking the run lock, then race: creating the run directory and
+    taking its lock are one step, so exactly one trains; the other is refused and removes nothing of the winner's
+    (before, the loser deleted the run directory, lock file included, and a third trainer could take the run)."""
+    cfg = make_config()
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    barrier = tmp_path / "go"
+    env = {"MATH_SFT_FAULT_START_BARRIER": str(barrier), "MATH_SFT_FAULT_SLOW_SAVE_S": "0.3"}
+    procs = [start_service("trainer", "--config", cfg, log=tmp_path / f"t{i}.log", env_extra=env) for i in range(2)]
+    wait_for(lambda: all(Path(f"{barrier}.{p.pid}").exists() for p in procs), 120, "both trainers at the barrier")
+    assert not layout.run_dir.exists()
+    barrier.touch()
+    loser = wait_for(lambda: next((p for p in procs if p.poll() is not None), None), 120, "one trainer refused")
+    (winner,) = [p for p in procs if p is not loser]
+    refusal = (tmp_path / f"t{procs.index(loser)}.log").read_text()
+    assert loser.returncode == 2 and f"another trainer is training this run (pid {winner.pid} on" in refusal
+    assert winner.poll() is None and layout.trainer_lock_path.is_file()
+    with pytest.raises(RunInUse), TrainerLock(layout):  # the winner still holds the run: a third is refused too
+        pass
+    assert winner.wait(300) == 0
+    assert list(list_ready_checkpoints(layout.checkpoints_dir)) == [0, 2, 4, 6]
+    assert layout.trainer_lock_path.is_file() and not list(layout.run_dir.parent.glob(".tmp_*"))
 
 
 def test_rerunning_a_finished_run_does_nothing_and_keeps_its_config(run_copy, make_config):
@@ -319,7 +350,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(r
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     proc = run_service("trainer", "--config", make_config())
-    assert "moved it aside to" in proc.stdout and "corrupt_step_00000006" in proc.stdout
+    assert "moved it aside to" in proc.stderr and "corrupt_step_00000006" in proc.stderr
     assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
     assert (run_copy / "checkpoints" / "corrupt_step_00000006").is_dir()
     assert list(list_ready_checkpoints(run_copy / "checkpoints")) == [0, 2, 4, 6]
@@ -336,7 +367,7 @@ def test_a_tampered_trainer_state_is_refused_in_one_line_and_never_run(run_copy,
         f"torch.save({{'optimizer': P()}}, {str(ckpt / 'trainer_state' / 'state.pt')!r})\n"
     )
     subprocess.run([sys.executable, "-c", payload], check=True)
-    from shared.protocol import build_manifest, atomic_write_json  # READY updated to match, as an attacker would
+    from shared.protocol import atomic_write_json, build_manifest  # READY updated to match, as an attacker would
 
     atomic_write_json(ckpt / READY, build_manifest(ckpt, 6, "x"))
     proc = run_service("trainer", "--config", make_config({"training": {"max_steps": 8}}), check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,19 +11,9 @@ import sys
 
 from shared.config import load_config
 from shared.launch import physical_gpu_count, pin_gpus, run_main
-from shared.protocol import CheckpointInvalid, CheckpointWriteError, RunInUse
-
-
-def _worker_pids(agent_pid: int) -> list[int]:
-    """The rank processes torchrun's agent started (its children)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == agent_pid:
-                pids.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
+from shared.logs import setup_logging
+from shared.procfs import child_pids
+from shared.protocol import RunLayout, TrainerLock
 
 
 def launch_ranks(argv: list[str]) -> int:
@@ -32,11 +23,9 @@ def launch_ranks(argv: list[str]) -> int:
     agent = subprocess.Popen(argv, start_new_session=True)
 
     def forward(signum, frame) -> None:
-        for pid in _worker_pids(agent.pid):
-            try:
+        for pid in child_pids(agent.pid):  # the rank processes torchrun's agent started
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
@@ -50,10 +39,11 @@ def launch_ranks(argv: list[str]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("--config", default=None, help="YAML config (default: config/default.yaml)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="DEBUG lines, and tracebacks of errors")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-5")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    setup_logging("trainer", debug=args.debug, run_dir=cfg.run_dir)
     pinned = pin_gpus(cfg.training.gpus, "training.gpus")
     if "WORLD_SIZE" not in os.environ:
         print(f"trainer: run {cfg.run_dir}; {pinned}")
@@ -76,7 +66,12 @@ def main() -> int:
 
     from trainer.train import train
 
-    train(cfg)
+    # The run lock is taken here, before anything is written: on a new run, creating the run directory and taking
+    # the lock are one step, and a trainer refused here deletes nothing (shared/protocol/runlock.py). Under
+    # torchrun only rank 0 holds it; train() takes it again, which only nests.
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    with TrainerLock(RunLayout(cfg.run_dir)) if first_rank else contextlib.nullcontext():
+        train(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank under torchrun leaves here, its work done and its process group destroyed: skip the interpreter's
         # teardown, where gloo's and the store's C++ threads were seen to abort the process ("terminate called
@@ -88,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ValueError, OSError, CheckpointWriteError, CheckpointInvalid, RunInUse))
+    run_main(main, "trainer")

@@ -5,7 +5,9 @@ buffers that are reused from save to save, so even that overlaps with the next f
 loop waits for the copy (on the device, not the host) just before the next optimizer step changes
 the weights. At most one save is in flight. A save due while the previous one is still at work (writing, then
 retention) either is skipped (when_busy="skip": the loop is not held for the disk) or waits for it ("wait"); a
-final save always waits. Every skip is returned to the loop, which says so: a skipped step is never silent.
+final save always waits. A save that does not fit on the disk (free space against the checkpoint's size, after
+retention) is skipped too, whatever when_busy; a final one that does not fit fails with the free and needed bytes.
+Every skip is returned to the loop, which says so: a skipped step is never silent.
 
 Everything on disk goes through shared.protocol: write into .tmp_step_N, publish (fsync, rename,
 fsync, READY). A failed write removes the temporary directory and is re-raised in the training loop.
@@ -14,10 +16,11 @@ fsync, READY). A failed write removes the temporary directory and is re-raised i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
-import struct
 import shutil
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,24 +28,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import Timeout
 
+from shared.config import TrainingConfig
 from shared.hf_models import tied_weight_names
-from trainer.distributed import Dist, all_reduce, barrier, full_model_state_on_rank0, local_optimizer_state
 from shared.protocol import (
     READY,
+    RETENTION_LOCK_TIMEOUT_S,
+    TRAINER_STATE_DIR,
     BestRule,
     CheckpointInvalid,
     CheckpointWriteError,
-    ResumeError,
-    TRAINER_STATE_DIR,
     ChunkHasher,
+    ResumeError,
     RunLayout,
     publish_checkpoint,
     unpublish_old_checkpoints,
     write_hashed,
 )
+from trainer.distributed import Dist, all_reduce, barrier, full_model_state_on_rank0, local_optimizer_state
+
+logger = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 << 30
+FREE_SPACE_MARGIN_BYTES = 8 << 20
+"""Free space a save leaves beyond the checkpoint's estimated size (READY, ledgers, logs, results written meanwhile);
+2 % of the size is added on top."""
 # Fault injection for tests of a crash mid-save: seconds to sleep after each file written.
 _SLOW_SAVE_ENV = "MATH_SFT_FAULT_SLOW_SAVE_S"
 
@@ -106,13 +117,13 @@ class _Snapshot:
         _tensors_of(tree, sources)
         self.allocate(tree)
         if self.stream is None:
-            for buf, src in zip(self.buffers, sources):
+            for buf, src in zip(self.buffers, sources, strict=True):
                 buf.copy_(src.detach())
         else:
             # Copies must see the finished optimizer step, and must end before the next one starts.
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                for buf, src in zip(self.buffers, sources):
+                for buf, src in zip(self.buffers, sources, strict=True):
                     buf.copy_(src.detach(), non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
@@ -135,26 +146,32 @@ class AsyncCheckpointer:
         config_hash: str,
         model_files_dir: Path | None,
         keep_last: int | None,
-        d: Dist = Dist(),
+        d: Dist | None = None,
         eval_backfill: dict[str, bool] | None = None,
         master_weights: list[torch.Tensor] | None = None,
         keep_best: BestRule | None = None,
         when_busy: str = "skip",
+        max_unevaluated: int = TrainingConfig.max_unevaluated,
     ):
         """`model_files_dir`: a folder holding config.json, generation_config.json and the tokenizer
         files; they are copied into every checkpoint (weights come from the snapshot). With several
         processes (`d`), rank 0 writes the model and publishes; every rank writes its optimizer shard.
-        `eval_backfill`: {evaluation name: backfill} of the run's config, and `keep_best`, for retention.
+        Retention (keep_last, `keep_best`, `max_unevaluated`) answers to the evaluations named by `eval_backfill`'s
+        keys ({evaluation name: backfill} of the run's config; backfill no longer changes what is kept) and to every
+        evaluation with a ledger in the run.
         `master_weights`: the fp32 masters of a bf16 model (trainer/master.py), saved with the optimizer state
         for an exact resume. `when_busy`: "skip" or "wait", what a save due during the previous one's write does."""
-        self.d = d
+        self.d = d if d is not None else Dist()
         self.when_busy = when_busy
         self.layout = layout
         self.config_hash = config_hash
         self.keep_last = keep_last
         self.eval_backfill = eval_backfill or {}
         self.keep_best = keep_best
+        self.max_unevaluated = max_unevaluated
         self.master_weights = master_weights
+        self._last_bytes = 0
+        """Bytes of the last checkpoint published (its manifest's sizes): the next one's size, at least."""
         self._announced_kept: set[int] = set()
         self.static_files = {
             p.name: p.read_bytes()
@@ -212,16 +229,24 @@ class AsyncCheckpointer:
     ) -> dict[str, Any]:
         """Start saving `step`. Returns {blocked_s, waited_for_previous_s}: how long the loop was held; or, when
         the previous save is still at work (writing, or retention after it), when_busy is "skip" and this save is
-        not `final`: {skipped: what the checkpointer is still doing}, and nothing is saved. Collective with
-        several ranks."""
+        not `final`: {skipped: what the checkpointer is still doing, cause: "busy"}; or, when the checkpoint does
+        not fit on the disk after retention and this save is not `final`: {skipped: why, with the free and needed
+        bytes, cause: "no_space"} (logged as a WARNING); nothing is saved then. A `final` save that does not fit
+        raises CheckpointWriteError naming the free and needed bytes. Collective with several ranks."""
         t0 = time.perf_counter()
         busy = self._busy_with  # read before is_alive: a thread ending in between is then idle, never "busy"
         if self._thread is None or not self._thread.is_alive():
             busy = None
         # Ranks decide together: one rank skipping while another saves would leave a torn checkpoint.
         if self.when_busy == "skip" and not final and all_reduce(busy is not None, self.d, op="max"):
-            return {"skipped": busy or "another rank is still writing its optimizer shard"}
+            return {"skipped": busy or "another rank is still writing its optimizer shard", "cause": "busy"}
         waited = self.wait()
+        no_room = self._no_room(step, model, optimizer, final)
+        if no_room and final:
+            raise CheckpointWriteError(f"cannot write the final checkpoint of step {step}: {no_room}")
+        if no_room:
+            logger.warning("step %d not saved: %s", step, no_room)
+            return {"skipped": no_room, "cause": "no_space"}
         if self.d.enabled:
             if self.d.is_main:  # the one creator of the temporary directory, before any rank writes into it
                 tmp = self.layout.tmp_checkpoint_dir(step)
@@ -239,6 +264,50 @@ class AsyncCheckpointer:
         self._busy_with = f"writing step {step}"
         self._thread.start()
         return {"blocked_s": time.perf_counter() - t0, "waited_for_previous_s": waited}
+
+    def _no_room(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, final: bool) -> str | None:
+        """Why the checkpoint of `step` does not fit on the checkpoints' disk (free and needed bytes), retention
+        having run first; None when it fits. Retention runs here only when the space is short: it already ran
+        after the previous publish, and its lock waits would hold the loop. For the `final` save it keeps no
+        unevaluated checkpoints beyond keep_last (and keep_best's): the run's last checkpoint matters more than an
+        evaluator's backlog. Rank 0 decides for every rank."""
+        why = None
+        if self.d.is_main:
+            needed = self._estimated_bytes(model, optimizer)
+            needed += needed // 50 + FREE_SPACE_MARGIN_BYTES
+            free = shutil.disk_usage(self.layout.checkpoints_dir).free
+            if free < needed and self.keep_last is not None:
+                if final and self.max_unevaluated:
+                    logger.warning(
+                        "the final checkpoint of step %d needs %d bytes and %d are free: retention keeps no "
+                        "unevaluated checkpoint beyond keep_last=%d to make room",
+                        step,
+                        needed,
+                        free,
+                        self.keep_last,
+                    )
+                self._retention_pass(f"before saving step {step}", max_unevaluated=0 if final else None)
+                free = shutil.disk_usage(self.layout.checkpoints_dir).free
+            if free < needed:
+                why = (
+                    f"not enough free space in {self.layout.checkpoints_dir}: {free} bytes free, {needed} needed "
+                    f"(the checkpoint's estimated size + a margin), after retention (keep_last={self.keep_last}, "
+                    f"max_unevaluated={self.max_unevaluated}); free space on that disk or lower those"
+                )
+        if all_reduce(why is not None, self.d, op="max"):
+            return why or "rank 0 found too little free space for it"
+        return None
+
+    def _estimated_bytes(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """The next checkpoint's size: the last one's, or (the first save, or more state since: step 0 has no
+        optimizer state) the bytes of the weights, the optimizer state of every rank and the model files."""
+        weights = model.state_dict() if self.d.enabled else untied_state_dict(model)
+        tensors: list[torch.Tensor] = []
+        _tensors_of(self._state_tree(optimizer), tensors)
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors) * self.d.world
+        weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        files_bytes = sum(len(data) for data in self.static_files.values())
+        return max(self._last_bytes, weight_bytes + state_bytes + files_bytes)
 
     def _state_tree(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """What this rank saves for resume: its optimizer state (its shard, when sharded) and RNG."""
@@ -297,22 +366,17 @@ class AsyncCheckpointer:
                 self.last_published = step
                 return
             self._wait_for_shards(tmp)
-            publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash, hashed)
+            manifest = publish_checkpoint(tmp, self.layout.checkpoint_dir(step), step, self.config_hash, hashed)
+            self._last_bytes = sum(meta["size_bytes"] for meta in manifest["files"].values())
             self.last_published = step
             self._busy_with = f"deleting old checkpoints after step {step}"
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop
             if self.d.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            self._error = CheckpointWriteError(f"saving checkpoint {step} to {tmp} failed: {exc}")
+            self._error = CheckpointWriteError(f"saving checkpoint {step} to {tmp} failed: {exc}{_space_note(tmp)}")
             self._error.__cause__ = exc
             return
-        try:
-            self._apply_retention()
-        except Exception as exc:  # noqa: BLE001 - the checkpoint is published; retention must not stop training
-            print(
-                f"warning: retention after step {step} failed, nothing more deleted this time: "
-                f"{type(exc).__name__}: {exc}"
-            )
+        self._retention_pass(f"after step {step}")
 
     def _write_state(self, tmp: Path, state: dict[str, Any]) -> dict[str, list[str]]:
         """This rank's optimizer state and RNG. It appears under its final name only when complete (rename),
@@ -335,23 +399,44 @@ class AsyncCheckpointer:
                 )
             time.sleep(0.05)
 
-    def _apply_retention(self) -> None:
-        """Keep the newest keep_last steps and whatever an evaluator holds or still needs; say what is kept
-        beyond keep_last (once per step) and which deleted steps an evaluation never saw."""
+    def _retention_pass(self, when: str, max_unevaluated: int | None = None) -> None:
+        """Retention (keep_last, keep_best, max_unevaluated: shared.protocol.retention; `max_unevaluated` instead
+        of the configured one), the deleted folders removed; say what is kept beyond keep_last (once per step).
+        Never stops or holds training: a lock not got in RETENTION_LOCK_TIMEOUT_S, or any failure, skips this pass
+        with a warning (the next save tries again)."""
         if self.keep_last is None:
             return
-        outcome = unpublish_old_checkpoints(self.layout, self.keep_last, self.eval_backfill, self.keep_best)
+        bound = self.max_unevaluated if max_unevaluated is None else max_unevaluated
+        try:
+            outcome = unpublish_old_checkpoints(
+                self.layout, self.keep_last, bound, list(self.eval_backfill), self.keep_best
+            )
+        except Timeout as exc:
+            logger.warning(
+                "retention %s skipped: %s was not free within %.0fs (a process frozen inside it?); nothing deleted "
+                "this time, tried again at the next save",
+                when,
+                exc.lock_file,
+                RETENTION_LOCK_TIMEOUT_S,
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - retention must not stop training
+            logger.warning("retention %s failed, nothing more deleted this time: %s: %s", when, type(exc).__name__, exc)
+            return
         for step in outcome.deleted:
             shutil.rmtree(self.layout.checkpoint_dir(step), ignore_errors=True)
-            if step in outcome.unseen_by:
-                print(
-                    f"retention: deleted step {step} before evaluation(s) {', '.join(outcome.unseen_by[step])} saw it "
-                    f"(recorded as deleted in their ledgers)"
-                )
         for step, why in sorted(outcome.kept_for.items()):
             if step not in self._announced_kept:
-                print(f"retention: keeping step {step} beyond keep_last={self.keep_last}: {why}")
+                logger.info("retention: keeping step %d beyond keep_last=%d: %s", step, self.keep_last, why)
                 self._announced_kept.add(step)
+
+
+def _space_note(tmp: Path) -> str:
+    """For a write that failed on a full disk: how much is free there now."""
+    try:
+        return f" ({shutil.disk_usage(tmp.parent).free} bytes free in {tmp.parent} now)"
+    except OSError:
+        return ""
 
 
 def _fault_pause() -> None:
@@ -418,7 +503,7 @@ def _write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> dict[str,
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         hashed[fname] = _save_safetensors(shard, out / fname)
-        weight_map.update({name: fname for name in shard})
+        weight_map.update(dict.fromkeys(shard, fname))
         _fault_pause()
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -444,9 +529,10 @@ def read_trainer_meta(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads((checkpoint_dir / TRAINER_STATE_DIR / "trainer_state.json").read_text())
 
 
-def load_trainer_state(checkpoint_dir: Path, d: Dist = Dist()) -> dict[str, Any]:
+def load_trainer_state(checkpoint_dir: Path, d: Dist | None = None) -> dict[str, Any]:
     """Tensor state {optimizer, rng} of this rank, from a verified checkpoint. Plain tensors only:
     anything else in the file (a pickled object) is refused, never run."""
+    d = d if d is not None else Dist()
     saved_world = read_trainer_meta(checkpoint_dir).get("world_size", 1)
     if saved_world != d.world:
         raise ResumeError(

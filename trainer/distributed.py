@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -74,10 +75,10 @@ def shard_model(
         fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(units) - 1)
     fully_shard(root, mp_policy=policy)
     firsts = [unit[0] for unit in units]  # the layers of a unit share its FSDP state: any one stands for it
-    for here, after in zip([root, *firsts], firsts):
+    for here, after in zip([root, *firsts], firsts, strict=False):  # the last unit prefetches nothing
         here.set_modules_to_forward_prefetch([after])
     if reshard_after_forward:
-        for here, before in zip(firsts[1:], firsts):
+        for before, here in itertools.pairwise(firsts):
             here.set_modules_to_backward_prefetch([before])
 
 

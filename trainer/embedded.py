@@ -22,7 +22,7 @@ from shared.data import Example, render_prompt
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 HEAD_DIM = 64
-QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 - one regex, as in Qwen2's tokenizer.json
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int, fixed_texts: list[str]) -> PreTrainedTokenizerFast:

@@ -25,7 +25,7 @@ class MasterWeights:
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params = [p.detach().float().requires_grad_() for p in self.model_params]
         """What the optimizer updates, in the order of model.parameters()."""
-        for param, master in zip(self.model_params, self.params):
+        for param, master in zip(self.model_params, self.params, strict=True):
             param.register_post_accumulate_grad_hook(self._hook(master))
 
     @staticmethod

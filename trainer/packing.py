@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 
@@ -25,7 +26,7 @@ def tokenize_examples(prompts: list[str], outputs: list[str], tokenizer, max_len
     """(token ids of prompt + output truncated to max_len, number of prompt tokens kept) per example."""
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     output_ids = tokenizer(outputs, add_special_tokens=False)["input_ids"]
-    return [((p + o)[:max_len], min(len(p), max_len)) for p, o in zip(prompt_ids, output_ids)]
+    return [((p + o)[:max_len], min(len(p), max_len)) for p, o in zip(prompt_ids, output_ids, strict=True)]
 
 
 def group_by_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -60,7 +61,7 @@ def packed_microbatch(examples: list[tuple[list[int], int]]) -> dict[str, torch.
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
     }
-    row["max_seq_len"] = int(max(b - a for a, b in zip(bounds, bounds[1:])))
+    row["max_seq_len"] = int(max(b - a for a, b in itertools.pairwise(bounds)))
     return row
 
 

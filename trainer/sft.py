@@ -19,7 +19,7 @@ def tokenize_prompt_and_output(
     prompts = tokenizer(prompt_strs, add_special_tokens=False)["input_ids"]
     outputs = tokenizer(output_strs, add_special_tokens=False)["input_ids"]
     seqs, masks = [], []
-    for p, o in zip(prompts, outputs):
+    for p, o in zip(prompts, outputs, strict=True):
         ids = (p + o)[:max_len] if max_len else p + o
         seqs.append(ids)
         masks.append(([False] * len(p) + [True] * len(o))[: len(ids)])
@@ -27,7 +27,7 @@ def tokenize_prompt_and_output(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     full = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (ids, m) in enumerate(zip(seqs, masks)):
+    for i, (ids, m) in enumerate(zip(seqs, masks, strict=True)):
         full[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}

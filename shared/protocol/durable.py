@@ -130,6 +130,6 @@ def chunk_digests(paths: list[Path], chunk_bytes: int = CHUNK_BYTES) -> list[lis
     with ThreadPoolExecutor(max_workers=min(HASH_THREADS, max(1, len(tasks)))) as pool:
         digests = list(pool.map(lambda task: _chunk_digest(task[1], task[2], chunk_bytes), tasks))
     out: list[list[str]] = [[] for _ in paths]
-    for (i, _, _), digest in zip(tasks, digests):
+    for (i, _, _), digest in zip(tasks, digests, strict=True):
         out[i].append(digest)
     return out

@@ -8,8 +8,9 @@
         step_00000500/                   model files (safetensors, config, tokenizer) + trainer_state/
           READY                          JSON manifest, written last: the only signal a checkpoint is complete
         corrupt_step_00000500/           a published checkpoint that failed verification, moved aside on resume
-      leases/<owner-id>.json             one per evaluator process: heartbeat, the steps it holds (leases),
-                                         the evaluation it serves (+ .lock: serialises leases and retention)
+      .best.lock                         serialises retention and the pointing of `best` (bounded waits)
+      leases/<owner-id>.json             one per evaluator process: its presence (duplicate work only; retention
+                                         never reads it)
       best -> checkpoints/step_00000500  with training.keep_best: the best checkpoint by the evaluation's
                                          results (a symlink, replaced atomically)
       eval/<eval_name>/
@@ -71,6 +72,16 @@ class RunLayout:
     @property
     def trainer_lock_path(self) -> Path:
         return self.run_dir / ".trainer.lock"
+
+    @property
+    def trainer_info_path(self) -> Path:
+        """Who holds the trainer lock (pid, host, start time), for the refusal message."""
+        return self.run_dir / ".trainer.json"
+
+    @property
+    def best_lock_path(self) -> Path:
+        """Held by retention and by whoever points `best` (ranking.update_best), so the two never interleave."""
+        return self.run_dir / ".best.lock"
 
     @property
     def base_model_dir(self) -> Path:

@@ -3,7 +3,10 @@
 Invariants:
 - Every read-modify-write holds the ledger's lock, so two evaluators of one evaluation never both claim a step.
 - Entries carry the `weights_id` they are about: an entry about other weights than a step's folder holds now
-  does not count for that step.
+  does not count for that step. Claims and results also carry their `eval_config_id`: an entry of another
+  evaluation config does not count as evaluated under this one (`entry_for`).
+- An entry's `attempts` counts claims that did not end in a stop; `failed_attempts` lists the transient failures
+  (time, attempt, reason) that gave the step back before it was done or failed.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock
 
@@ -95,11 +99,24 @@ class Ledger:
         self.update(apply)
 
 
-def entry_for(entries: dict[int, dict[str, Any]], step: int, weights: str | None) -> dict[str, Any] | None:
-    """The ledger entry of `step` if it is about these weights; None when the step is unseen, or its entry
-    speaks of other weights (the step folder was replaced, e.g. after a corrupt one was moved aside)."""
+def entry_for(
+    entries: dict[int, dict[str, Any]], step: int, weights: str | None, config_id: str | None = None
+) -> dict[str, Any] | None:
+    """The ledger entry of `step` if it is about these weights and this evaluation config; None when the step is
+    unseen, or its entry speaks of other weights (the step folder was replaced, e.g. after a corrupt one was moved
+    aside), or is a result of another evaluation config (`eval_config_id`: another prompt template, problems,
+    sampling, backend or grader; the step is not yet evaluated under this one). Only results are of a config: a
+    claim, a step given back or passed over is about the step whatever the config. `config_id` None: any config
+    (retention: has any evaluation finished with the step); a result naming no config matches any."""
     entry = entries.get(step)
     if entry is not None and weights is not None and entry.get("weights_id") not in (None, weights):
+        return None
+    if (
+        entry is not None
+        and config_id is not None
+        and entry["status"] == Status.DONE
+        and entry.get("eval_config_id") not in (None, config_id)
+    ):
         return None
     return entry
 

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
 from shared.protocol.durable import CHUNK_BYTES, HASH_THREADS, atomic_write_json, chunk_digests, file_sha256, fsync_dir
 from shared.protocol.layout import CORRUPT_PREFIX, READY, TMP_PREFIX, TRAINER_STATE_DIR, parse_step
 
@@ -31,11 +32,11 @@ _FILE_MODE = 0o644
 """Every published file, whatever wrote it (safetensors writes 0600): readable by the group, like the rest."""
 
 
-class CheckpointInvalid(Exception):
+class CheckpointInvalid(UserError):
     """A checkpoint directory failed verification; the message says exactly what is wrong."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """The trainer could not write a checkpoint; earlier checkpoints are intact."""
 
 
@@ -61,7 +62,10 @@ def build_manifest(
     rels = _listed_files(directory)
     hashed = hashed or {}
     missing = [rel for rel in rels if rel not in hashed]
-    hashed = {**hashed, **dict(zip(missing, chunk_digests([directory / rel for rel in missing], chunk_bytes)))}
+    hashed = {
+        **hashed,
+        **dict(zip(missing, chunk_digests([directory / rel for rel in missing], chunk_bytes), strict=True)),
+    }
     files = {rel: {"size_bytes": (directory / rel).stat().st_size, "sha256_chunks": hashed[rel]} for rel in rels}
     return {
         "version": MANIFEST_VERSION,
@@ -136,8 +140,10 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
     with ThreadPoolExecutor(max_workers=min(HASH_THREADS, max(1, len(whole)))) as pool:
         whole_digests = list(pool.map(lambda item: file_sha256(item[0]), whole))
     chunk_lists = chunk_digests([path for path, _ in chunked], manifest.get("chunk_bytes", CHUNK_BYTES))
-    found = [(path, meta.get("sha256"), digest) for (path, meta), digest in zip(whole, whole_digests)]
-    found += [(path, meta.get("sha256_chunks"), digests) for (path, meta), digests in zip(chunked, chunk_lists)]
+    found = [(path, meta.get("sha256"), digest) for (path, meta), digest in zip(whole, whole_digests, strict=True)]
+    found += [
+        (path, meta.get("sha256_chunks"), digests) for (path, meta), digests in zip(chunked, chunk_lists, strict=True)
+    ]
     for path, expected, digest in found:
         if digest != expected:
             raise CheckpointInvalid(f"{path}: content hash mismatch (file changed or corrupted after it was written)")
@@ -168,7 +174,7 @@ def folder_weights_id(directory: Path) -> str:
     """`weights_id` of a plain model folder (no READY), from its contents: reads every file once, in parallel."""
     rels = [rel for rel in _listed_files(directory) if _is_model_file(rel) and not rel.startswith(".")]
     digests = chunk_digests([directory / rel for rel in rels])
-    return _weights_id_of({rel: _file_digest({"sha256_chunks": d}) for rel, d in zip(rels, digests)})
+    return _weights_id_of({rel: _file_digest({"sha256_chunks": d}) for rel, d in zip(rels, digests, strict=True)})
 
 
 def ready_weights_ids(checkpoints_dir: Path) -> dict[int, str]:

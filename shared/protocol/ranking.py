@@ -1,8 +1,8 @@
 """Ranking: which evaluated steps are best, and the `best` link that points at the best one.
 
 Invariants:
-- Results are ranked only against results of the same problems and sampling (`comparable_as`): results under
-  different evaluation configs measure different tests.
+- Results are ranked only against results of the same problems, sampling and evaluation-config id
+  (`comparable_as`): results under different evaluation configs measure different tests.
 - With a split set (`select_fraction`), steps are ranked on the selection part only (`select/<metric>`).
 - The `best` link is a symlink replaced by rename: a reader sees the old target or the new one.
 """
@@ -54,15 +54,21 @@ COMPARED_SAMPLING = ("n", "temperature", "top_p", "max_tokens", "stop", "select_
 
 def comparable_as(set_result: dict[str, Any]) -> tuple:
     """What a set's result at one step must share with another step's for the two to be compared (ranked, or
-    counted as learned/forgotten): the same problems (`problems_id`) and the same COMPARED_SAMPLING. After the
-    evaluation config changes (more problems, longer max_tokens), old results measure another test."""
+    counted as learned/forgotten): the same problems (`problems_id`), the same COMPARED_SAMPLING and the same
+    evaluation-config id (`eval_config_id`: these plus the prompt template, backend and grader version). After the
+    evaluation config changes (more problems, longer max_tokens, another template), old results measure another
+    test. A result without a config id (written before ids existed) compares only with others without one."""
     sampling = set_result.get("sampling", {})
-    return (set_result.get("problems_id"), *(json.dumps(sampling.get(key)) for key in COMPARED_SAMPLING))
+    return (
+        set_result.get("problems_id"),
+        *(json.dumps(sampling.get(key)) for key in COMPARED_SAMPLING),
+        set_result.get("eval_config_id"),
+    )
 
 
 def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str) -> list[list[tuple[float, int]]]:
     """The published steps whose result (for the weights now in their folder) has the metric, in groups of
-    comparable results (`comparable_as`: the same problems and sampling), the group evaluated most recently
+    comparable results (`comparable_as`: the same problems, sampling and config), the group evaluated most recently
     first; in each group (metric value, step), best first, a later step first among equals. Results under
     different evaluation configs measure different tests: they are never ranked against each other."""
     groups: dict[tuple, list[tuple[float, int]]] = {}
@@ -105,6 +111,6 @@ def update_best(layout: RunLayout, best: BestRule | None) -> int | None:
     """Point `best` anew (removed when `best` is None), under the leases lock: the evaluator's call after
     recording a result, and retention's when it has nothing to delete. Returns the best step, if any."""
     layout.leases_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
+    with FileLock(str(layout.best_lock_path), timeout=RETENTION_LOCK_TIMEOUT_S):
         groups = rank_and_point(layout, best)
     return groups[0][0][1] if groups else None

@@ -1,14 +1,27 @@
 """Retention (the trainer's): which published steps may go, and the `best` link.
 
 Invariants:
-- Retention decides under the leases lock and every ledger's lock, and READY goes first; a step is leased or
-  claimed under those same locks, so it is never deleted between being chosen and being held.
+- Retention is local and bounded: it decides from its own rules (keep_last, keep_best, max_unevaluated) and the
+  evaluations' results (ledger entries, result files) only, never from heartbeats, presences, leases, pending or
+  running claims. A slow, hung or vanished evaluator can keep at most `max_unevaluated` checkpoints beyond
+  keep_last and keep_best's, so it can never fill the trainer's disk.
+- Deleting a checkpoint an evaluator is reading is safe: the evaluator evaluates a hard-linked snapshot of it
+  (published files never change in place, and unlinking a name leaves a linked file whole). A step deleted before
+  an evaluation finished it is logged and recorded `deleted` in that evaluation's ledger, with the reason, except
+  where the evaluation has it `running`: that claim stays, so the evaluator records its result (from its snapshot);
+  a claim whose evaluator died is taken over by another, which finds the checkpoint gone and records `deleted`.
+- READY goes first: a half-deleted folder never looks valid. The caller removes the folders.
+- Decisions and `deleted` records are taken under the `best` lock and every ledger's lock (name order, the only
+  place that holds more than one), each waited for at most RETENTION_LOCK_TIMEOUT_S: a process frozen inside a
+  lock makes retention skip this pass (filelock.Timeout, nothing deleted), never blocks training.
 - Which steps are best is ranking's (`shared.protocol.ranking`); retention keeps them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +30,14 @@ from filelock import FileLock
 from shared.protocol.layout import READY, RunLayout
 from shared.protocol.ledger import Ledger, Status, entry_for, iter_ledgers
 from shared.protocol.manifest import ready_weights_ids
-from shared.protocol.presence import live_presences
 from shared.protocol.ranking import RETENTION_LOCK_TIMEOUT_S, BestRule, rank_and_point, update_best
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (Status.DONE, Status.SKIPPED, Status.FAILED)
+"""Ledger statuses after which an evaluation will not evaluate a step (for the weights the entry names): done,
+skipped (passed over for a newer step, backfill off) or failed (its attempts spent). Pending, running, deleted or
+no entry: not finished."""
 
 
 @dataclass(frozen=True)
@@ -27,103 +46,118 @@ class RetentionResult:
     kept_for: dict[int, str]
     """Steps past keep_last that were kept, with why."""
     unseen_by: dict[int, list[str]]
-    """Deleted steps that an evaluation never evaluated (recorded `deleted` in its ledger)."""
+    """Deleted steps that an evaluation had not finished (recorded `deleted` in its ledger)."""
+
+
+def evaluation_names(layout: RunLayout, eval_names: Iterable[str], best: BestRule | None) -> list[str]:
+    """The evaluations retention answers to: `eval_names` (the trainer's config), every eval/<name>/ with a
+    ledger in the run, and keep_best's evaluation."""
+    names = set(eval_names) | {ledger.path.parent.name for ledger in iter_ledgers(layout)}
+    return sorted(names | ({best.eval_name} if best else set()))
+
+
+def unfinished_by(entries_by_name: dict[str, dict[int, dict[str, Any]]], step: int, weights: str) -> list[str]:
+    """The evaluations that have not finished `step` (these weights): see FINISHED."""
+    return [
+        name
+        for name, entries in entries_by_name.items()
+        if (entry := entry_for(entries, step, weights)) is None or entry["status"] not in FINISHED
+    ]
 
 
 def unpublish_old_checkpoints(
-    layout: RunLayout, keep_last: int, eval_backfill: dict[str, bool], best: BestRule | None = None
+    layout: RunLayout,
+    keep_last: int,
+    max_unevaluated: int,
+    eval_names: Iterable[str] = (),
+    best: BestRule | None = None,
 ) -> RetentionResult:
-    """Unpublish (remove READY of) every step but the newest `keep_last`, except steps that an evaluator
-    holds (a lease, or a running claim), means to evaluate (pending, or a dead evaluator's claim to retry),
-    or has not seen yet while its evaluation is attached (a live watcher) or back-fills (`eval_backfill`:
-    {eval name: backfill} from the trainer's config; a live watcher's own setting counts too), and the
-    `best` rule's k best steps of each group of comparable results (the `best` link is pointed anew, see
-    rank_and_point). Deleted steps an evaluation never saw are recorded `deleted` in its ledger. The caller
-    removes the folders.
-
-    All of it happens under the leases lock and every ledger's lock (taken in name order, the only
-    place that holds more than one), so nothing is claimed or leased between deciding and unpublishing."""
-    layout.leases_dir.mkdir(parents=True, exist_ok=True)
+    """Unpublish (remove READY of) every step but the newest `keep_last`, except `best`'s k best of each group
+    of comparable results (the `best` link is pointed anew, see rank_and_point) and the newest `max_unevaluated`
+    of the remaining steps that some evaluation (`evaluation_names`) has not finished. Deleted steps an evaluation
+    had not finished are logged (WARNING) and recorded `deleted` in its ledger (a `running` claim is left as it
+    is: see the module's invariants). The caller removes the folders.
+    Raises filelock.Timeout, having deleted nothing, when a lock is not got in RETENTION_LOCK_TIMEOUT_S."""
     ready = ready_weights_ids(layout.checkpoints_dir)
     candidates = sorted(ready)[:-keep_last] if keep_last else sorted(ready)
     if not candidates:  # nothing to delete: only the link to point
         update_best(layout, best)
         return RetentionResult([], {}, {})
-    # Bounded waits: an evaluator frozen while holding a lock must not stop training (retention is retried later).
-    with FileLock(str(layout.leases_dir / ".lock"), timeout=RETENTION_LOCK_TIMEOUT_S):
-        presences = live_presences(layout)
-        backfill = dict(eval_backfill)
-        attached = set()
-        for record in presences.values():
-            if record.get("watching") and record.get("eval_name"):
-                attached.add(record["eval_name"])
-                backfill[record["eval_name"]] = backfill.get(record["eval_name"], False) or bool(record.get("backfill"))
-        leased = {s for record in presences.values() for s in record.get("steps", [])}
-        names = sorted(set(backfill) | attached | {ledger.path.parent.name for ledger in iter_ledgers(layout)})
-        if best is not None:
-            names = sorted(set(names) | {best.eval_name})
-        ledgers = [Ledger(layout.eval_dir(name)) for name in names]
-        for ledger in ledgers:
-            ledger.path.parent.mkdir(parents=True, exist_ok=True)
-        with _all_locked([ledger.lock for ledger in ledgers]):
-            entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers)}
-            kept_for: dict[int, str] = {}
-            # Ranked under the ledger locks: a result being recorded is either complete (ranked) or its step is
-            # still a live claim (kept below), never half-seen.
-            # The k best of every group of comparable results: a result under a newer evaluation config does not
-            # unprotect the best steps measured under an older one (only re-evaluating them would compare them).
-            for i, group in enumerate(rank_and_point(layout, best)):
-                earlier = " under an earlier evaluation config" if i else ""
-                for value, step in group[: best.k]:
-                    if step in candidates:
-                        kept_for[step] = (
-                            f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g}){earlier}"
-                        )
-            for step in candidates:
-                if step in kept_for:
-                    continue
-                if step in leased:
-                    kept_for[step] = "leased by an evaluator"
-                    continue
-                for name, entries in entries_by_name.items():
-                    entry = entry_for(entries, step, ready[step])
-                    status = entry["status"] if entry else None
-                    if status == Status.RUNNING and entry.get("owner", {}).get("id") in presences:
-                        kept_for[step] = f"being evaluated by evaluation '{name}'"
-                    elif status in (Status.PENDING, Status.RUNNING):  # to back-fill, given back, or to retry
-                        kept_for[step] = f"evaluation '{name}' means to evaluate it ({status})"
-                    elif status is None and (name in attached or backfill.get(name)):
-                        why = "attached" if name in attached else "backfill on"
-                        kept_for[step] = f"not yet evaluated by evaluation '{name}' ({why})"
-                    if step in kept_for:
-                        break
-            deleted = [s for s in candidates if s not in kept_for]
-            unseen_by: dict[int, list[str]] = {}
-            for step in deleted:
-                # READY goes first: a half-deleted directory must never look valid.
-                (layout.checkpoint_dir(step) / READY).unlink(missing_ok=True)
-                for name, entries in entries_by_name.items():
-                    entry = entry_for(entries, step, ready[step])
-                    if entry is None or entry["status"] in (Status.PENDING, Status.RUNNING):
-                        unseen_by.setdefault(step, []).append(name)
-            for name, ledger in zip(names, ledgers):
-
-                def mark(entries: dict[int, dict[str, Any]], name: str = name) -> None:
-                    for step, evals in unseen_by.items():
-                        if name in evals:
-                            entries[step] = {
-                                "status": Status.DELETED,
-                                "time": time.time(),
-                                "weights_id": ready[step],
-                                "reason": f"deleted by the trainer's retention (keep_last={keep_last}) "
-                                "before evaluation",
-                            }
-
-                ledger.update_locked(mark)
+    names = evaluation_names(layout, eval_names, best)
+    ledgers = [Ledger(layout.eval_dir(name)) for name in names]
+    for ledger in ledgers:
+        ledger.path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        FileLock(str(layout.best_lock_path), timeout=RETENTION_LOCK_TIMEOUT_S),
+        _all_locked([ledger.lock for ledger in ledgers]),
+    ):
+        entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers, strict=True)}
+        unfinished = {step: unfinished_by(entries_by_name, step, ready[step]) for step in candidates}
+        kept_for = _kept_as_best(layout, best, candidates)
+        unevaluated = [step for step in reversed(candidates) if step not in kept_for and unfinished[step]]
+        for step in unevaluated[:max_unevaluated]:
+            kept_for[step] = (
+                f"not yet evaluated by {', '.join(unfinished[step])} "
+                f"(one of the newest max_unevaluated={max_unevaluated} unevaluated checkpoints)"
+            )
+        deleted = [step for step in candidates if step not in kept_for]
+        for step in deleted:
+            (layout.checkpoint_dir(step) / READY).unlink(missing_ok=True)  # READY first: never a half folder
+        unseen_by = {step: unfinished[step] for step in deleted if unfinished[step]}
+        why = f"beyond keep_last={keep_last} and the newest max_unevaluated={max_unevaluated} unevaluated checkpoints"
+        for name, ledger in zip(names, ledgers, strict=True):
+            ledger.update_locked(lambda entries, name=name: _mark_deleted(entries, name, unseen_by, ready, why))
+    for step, evals in unseen_by.items():
+        claimed = [name for name in evals if _status(entries_by_name[name], step, ready[step]) == Status.RUNNING]
+        logger.warning(
+            "retention: deleted step %d before evaluation(s) %s finished it (%s); recorded `deleted` in the ledgers%s",
+            step,
+            ", ".join(evals),
+            why,
+            f" ({', '.join(claimed)} evaluating it from a snapshot: that claim stays)" if claimed else "",
+        )
     return RetentionResult(deleted, kept_for, unseen_by)
 
 
+def _status(entries: dict[int, dict[str, Any]], step: int, weights: str) -> str | None:
+    entry = entry_for(entries, step, weights)
+    return entry["status"] if entry else None
+
+
+def _kept_as_best(layout: RunLayout, best: BestRule | None, candidates: list[int]) -> dict[int, str]:
+    """The candidates among `best`'s k best of every group of comparable results, with why. A result under a newer
+    evaluation config does not unprotect the best steps measured under an older one (only re-evaluating them
+    would compare them)."""
+    kept_for: dict[int, str] = {}
+    for i, group in enumerate(rank_and_point(layout, best)):
+        earlier = " under an earlier evaluation config" if i else ""
+        for value, step in group[: best.k]:
+            if step in candidates:
+                kept_for[step] = f"one of the {best.k} best by {best.set_name} {best.metric} ({value:.4g}){earlier}"
+    return kept_for
+
+
+def _mark_deleted(
+    entries: dict[int, dict[str, Any]], name: str, unseen_by: dict[int, list[str]], ready: dict[int, str], why: str
+) -> None:
+    """Record `deleted` (with the reason) for the deleted steps evaluation `name` had not finished, but for a
+    `running` claim (its evaluator evaluates a snapshot, and records the result)."""
+    for step, evals in unseen_by.items():
+        if name in evals and _status(entries, step, ready[step]) != Status.RUNNING:
+            kept = {k: v for k, v in entries.get(step, {}).items() if k == "attempts"}
+            entries[step] = {
+                **kept,
+                "status": Status.DELETED,
+                "time": time.time(),
+                "weights_id": ready[step],
+                "reason": f"deleted by the trainer's retention before this evaluation finished it ({why})",
+            }
+
+
 class _all_locked:
+    """Hold every lock of a list, each waited for at most RETENTION_LOCK_TIMEOUT_S; on a timeout the ones taken
+    are let go and filelock.Timeout is raised."""
+
     def __init__(self, locks: list[FileLock]):
         self.locks = locks
 
