@@ -179,7 +179,7 @@ def test_trainer_sigkill_mid_save_then_resume(tmp_path, make_config):
     assert 4 not in ledger_of(run)
     eval_log = (tmp_path / "eval.log").read_text()
     assert ".tmp_step" not in eval_log and "Warning" not in eval_log and "Traceback" not in eval_log
-    assert all(json.loads(p.read_text()).get("step") != 4 for p in layout.leases_dir.glob("*.json"))  # none at it
+    assert all(json.loads(p.read_text()).get("step") != 4 for p in layout.presence_dir.glob("*.json"))  # none at it
     proc = subprocess.run(
         ["make", "-s", "train", f"CONFIG={cfg}"],
         check=False,

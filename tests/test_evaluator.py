@@ -132,10 +132,10 @@ def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evalu
     slow = {"evaluation": {"num_samples": 40, "max_tokens": 64, "hf_batch_size": 1}}
     proc = evaluator(slow)
     wait_for(lambda: status_of(run_copy, 6) == Status.RUNNING, 60, "evaluation running")
-    leases = RunLayout(run_copy).leases_dir
+    presence = RunLayout(run_copy).presence_dir
     eval_dir = RunLayout(run_copy).eval_dir("default")
     wait_for(
-        lambda: [json.loads(p.read_text())["step"] for p in leases.glob("*.json")] == [6],
+        lambda: [json.loads(p.read_text())["step"] for p in presence.glob("*.json")] == [6],
         30,
         "presence advancing on step 6",
     )
@@ -144,7 +144,7 @@ def test_sigint_stops_cleanly_and_gives_the_claim_back(run_copy, tmp_path, evalu
     assert proc.wait(15) == 0
     assert not list(eval_dir.glob("step_00000006*"))  # no partial result
     assert not [p for p in eval_dir.iterdir() if p.name.startswith(".tmp")]
-    assert not list(leases.glob("*.json")) and not list((eval_dir / "snapshots").iterdir())
+    assert not list(presence.glob("*.json")) and not list((eval_dir / "snapshots").iterdir())
     entry = ledger_of(run_copy)[6]
     assert entry["status"] == Status.PENDING and entry["given_back"] and entry["attempts"] == 0
     # A newer checkpoint arrives meanwhile: the given-back step is still evaluated (first), never skipped.

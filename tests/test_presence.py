@@ -172,17 +172,17 @@ def test_rate_limiting_writes_the_last_progress_and_a_call_after_a_pause_at_once
 
 
 def test_a_failed_write_is_logged_and_never_raised(layout, caplog):
-    layout.leases_dir.mkdir()
+    layout.presence_dir.mkdir()
     presence = Presence(layout, "default", watching=True, backfill=False, timeout_s=60).start()
     try:
         presence.path.unlink()
-        layout.leases_dir.rmdir()
-        layout.leases_dir.write_text("not a folder")  # every write now fails
+        layout.presence_dir.rmdir()
+        layout.presence_dir.write_text("not a folder")  # every write now fails
         with caplog.at_level(logging.WARNING):
             time.sleep(1.1)
             presence.progress("step 2 main generate", 2)
         assert "cannot write it" in caplog.text
-        layout.leases_dir.unlink()
+        layout.presence_dir.unlink()
         time.sleep(1.1)
         presence.progress("step 2 main grade", 2)
         assert json.loads(presence.path.read_text())["what"] == "step 2 main grade"

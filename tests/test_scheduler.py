@@ -91,7 +91,7 @@ def test_a_claim_is_kept_while_its_owner_is_present_and_taken_once_it_is_gone(ru
     ledger = Ledger(run.eval_dir("default"))
     other = Presence(run, "default", watching=True, backfill=False, timeout_s=60)
     other.owner = {**other.owner, "id": "someone-else"}  # a second evaluator: its own id, its own record
-    other.path = run.leases_dir / "someone-else.json"
+    other.path = run.presence_dir / "someone-else.json"
     other.start()
     try:
         alive = alive_in(run)  # the staleness clock itself is tested in tests/test_presence.py

@@ -9,7 +9,7 @@
           READY                          JSON manifest, written last: the only signal a checkpoint is complete
         corrupt_step_00000500/           a published checkpoint that failed verification, moved aside on resume
       .best.lock                         serialises retention and the pointing of `best` (bounded waits)
-      leases/<owner-id>.json             one per evaluator process: its presence (duplicate work only; retention
+      presence/<owner-id>.json           one per evaluator process: its presence (duplicate work only; retention
                                          never reads it)
       best -> checkpoints/step_00000500  with training.keep_best: the best checkpoint by the evaluation's
                                          results (a symlink, replaced atomically)
@@ -62,8 +62,8 @@ class RunLayout:
         return self.run_dir / "checkpoints"
 
     @property
-    def leases_dir(self) -> Path:
-        return self.run_dir / "leases"
+    def presence_dir(self) -> Path:
+        return self.run_dir / "presence"
 
     @property
     def best_path(self) -> Path:

@@ -1,6 +1,6 @@
 """Presence: who an evaluator process is, and whether its work still advances (liveness from progress).
 
-Each evaluator process writes one record per run, `leases/<owner id>.json`, and rewrites it only when its work
+Each evaluator process writes one record per run, `presence/<owner id>.json`, and rewrites it only when its work
 advances (a claim, tokens generated, grading, recording): the record's `progress` counter then grows. No timer
 keeps it fresh, so a process whose work is wedged (a hung engine, a stuck collective) goes stale like a dead one.
 
@@ -111,7 +111,7 @@ def describe_owner(owner: dict[str, Any]) -> str:
 
 def presence_path(layout: RunLayout, owner_id: str) -> Path:
     """The presence record of one evaluator process in a run."""
-    return layout.leases_dir / f"{owner_id}.json"
+    return layout.presence_dir / f"{owner_id}.json"
 
 
 def read_presence(layout: RunLayout, owner_id: str) -> dict[str, Any] | None:

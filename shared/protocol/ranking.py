@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 RETENTION_LOCK_TIMEOUT_S = 5.0
-"""How long retention (and pointing `best`) waits for the leases and ledger locks. A live process holds them for
+"""How long retention (and pointing `best`) waits for the best lock and the ledger locks. A live process holds them for
 milliseconds; one frozen inside them (SIGSTOP, a stalled disk) costs the trainer's writer at most this per save,
 and retention is tried again at the next save."""
 
@@ -91,7 +91,7 @@ def ranked_results(layout: RunLayout, eval_name: str, set_name: str, metric: str
 def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[list[tuple[float, int]]]:
     """Rank the published steps by `best` (ranked_results) and make runs/<run>/best link to the best of the
     most recently evaluated group (a symlink replaced by rename: readers see old or new); no link when nothing
-    ranks or keep_best is off. The caller holds the leases lock (retention also every ledger's), so two callers
+    ranks or keep_best is off. The caller holds the best lock (retention also every ledger's), so two callers
     never interleave. Returns the groups."""
     groups = ranked_results(layout, best.eval_name, best.set_name, best.metric) if best else []
     link = layout.best_path
@@ -108,9 +108,9 @@ def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[list[tuple[
 
 
 def update_best(layout: RunLayout, best: BestRule | None) -> int | None:
-    """Point `best` anew (removed when `best` is None), under the leases lock: the evaluator's call after
+    """Point `best` anew (removed when `best` is None), under the best lock: the evaluator's call after
     recording a result, and retention's when it has nothing to delete. Returns the best step, if any."""
-    layout.leases_dir.mkdir(parents=True, exist_ok=True)
+    layout.best_lock_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.best_lock_path), timeout=RETENTION_LOCK_TIMEOUT_S):
         groups = rank_and_point(layout, best)
     return groups[0][0][1] if groups else None
