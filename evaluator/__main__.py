@@ -71,7 +71,7 @@ def main() -> int:
     what = f"checkpoint {args.ckpt}" if args.ckpt else f"run {run_dir}"
     log.info("evaluator: %s; %s", what, pin_gpus(cfg.evaluation.gpus, "evaluation.gpus"))
 
-    from evaluator.backends import EngineError, make_backend
+    from evaluator.backends import make_backend
     from evaluator.evaluation import Evaluator
     from evaluator.folder import evaluate_folder, results_dir_for
     from evaluator.serving import check_run_dir, serve_run
@@ -102,8 +102,6 @@ def main() -> int:
                 raise
             return 0
         return serve_run(cfg, layout, evaluator, once=args.once, force=args.force)
-    except EngineError as exc:
-        raise UsageError(str(exc)) from None
     except Stop:
         log.info("evaluator: stopped")
         return 0

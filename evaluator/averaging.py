@@ -43,6 +43,7 @@ from shared.protocol import (
     current_owner,
     folder_weights_id,
     fsync_dir,
+    fsync_tree,
     parse_step,
     step_dirname,
 )
@@ -68,14 +69,6 @@ def average_eval_dir(eval_dir: Path, k: int) -> Path:
 def _model_files(model_dir: Path) -> list[Path]:
     """What a model loader reads: the folder's files but READY and hidden ones (trainer_state/ is a folder)."""
     return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != READY)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -130,7 +123,7 @@ class AverageWindow:
                 for src in _model_files(Path(model_dir)):
                     link_or_copy(src, tmp / src.name)
                 (tmp / WEIGHTS_ID_FILE).write_text(weights_id + "\n")
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 _replace_dir(tmp, self.window_dir / step_dirname(step))
             except OSError as exc:  # a source gone, a full disk: no average over this step, the service goes on
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -159,7 +152,7 @@ class AverageWindow:
                 for src in _model_files(newest):
                     if not src.name.endswith(".safetensors"):
                         shutil.copy2(src, tmp / src.name)
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 weights = folder_weights_id(tmp)
                 _replace_dir(tmp, out_dir)
             except BaseException:

@@ -47,10 +47,10 @@ def pin_gpus(gpus: list[int], key: str) -> str:
     return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} (from {key})"
 
 
-def run_main(main: Callable[[], int | None], service: str, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+def run_main(main: Callable[[], int | None], service: str) -> None:
     """Run a service's main with the project's logging (`--debug` or MATH_SFT_DEBUG=1: DEBUG lines).
 
-    A `UserError` (or one of `user_errors`: the project's own errors that do not subclass it yet) is one line on
+    A `UserError` (the project's own errors: config, data, checkpoint, run in use, engine...) is one line on
     stderr and exit status 2, its traceback only with debug; any other exception is a bug: it keeps its traceback
     and says so, exit status 1. `main` may call `setup_logging` again once it knows the run directory.
     """
@@ -61,7 +61,7 @@ def run_main(main: Callable[[], int | None], service: str, user_errors: tuple[ty
     except KeyboardInterrupt:  # Ctrl-C before the service installed its own handling
         log.warning("interrupted")
         sys.exit(130)
-    except (UserError, *user_errors) as exc:
+    except UserError as exc:
         log.error("%s", exc, exc_info=debug)
         sys.exit(2)
     except Exception as exc:

@@ -22,6 +22,7 @@ from shared.protocol.durable import (
     chunk_digests,
     file_sha256,
     fsync_dir,
+    fsync_tree,
     write_hashed,
 )
 from shared.protocol.layout import (
@@ -120,6 +121,7 @@ __all__ = [
     "file_sha256",
     "folder_weights_id",
     "fsync_dir",
+    "fsync_tree",
     "iter_ledgers",
     "list_ready_checkpoints",
     "move_aside_corrupt",

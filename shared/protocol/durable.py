@@ -31,6 +31,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every folder under it (their entries): the tree is on disk before a rename
+    makes it visible."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(Path(folder) / name, "rb") as f:
+                os.fsync(f.fileno())
+    for folder, _, _ in os.walk(root):
+        fsync_dir(Path(folder))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
-from shared.protocol.durable import CHUNK_BYTES, HASH_THREADS, atomic_write_json, chunk_digests, file_sha256, fsync_dir
+from shared.protocol.durable import (
+    CHUNK_BYTES,
+    HASH_THREADS,
+    atomic_write_json,
+    chunk_digests,
+    file_sha256,
+    fsync_dir,
+    fsync_tree,
+)
 from shared.protocol.layout import CORRUPT_PREFIX, READY, TMP_PREFIX, TRAINER_STATE_DIR, parse_step
 
 MANIFEST_VERSION = 2
@@ -87,10 +95,7 @@ def publish_checkpoint(
     manifest = build_manifest(tmp_dir, step, config_hash, hashed)
     for rel in manifest["files"]:
         os.chmod(tmp_dir / rel, _FILE_MODE)
-        with open(tmp_dir / rel, "rb") as f:
-            os.fsync(f.fileno())
-    for root, _, _ in os.walk(tmp_dir):
-        fsync_dir(Path(root))
+    fsync_tree(tmp_dir)
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} already exists; refusing to overwrite a published checkpoint")
     os.rename(tmp_dir, final_dir)

@@ -1,4 +1,4 @@
-"""Retention (the trainer's): which published steps may go, and the `best` link.
+"""Retention (the trainer's): which published steps may go.
 
 Invariants:
 - Retention is local and bounded: it decides from its own rules (keep_last, keep_best, max_unevaluated) and the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +90,10 @@ def unpublish_old_checkpoints(
         ledger.path.parent.mkdir(parents=True, exist_ok=True)
     with (
         FileLock(str(layout.best_lock_path), timeout=RETENTION_LOCK_TIMEOUT_S),
-        _all_locked([ledger.lock for ledger in ledgers]),
+        ExitStack() as held,
     ):
+        for ledger in ledgers:  # each bounded: a timeout lets go of those taken (ExitStack) and skips this pass
+            held.enter_context(ledger.lock.acquire(timeout=RETENTION_LOCK_TIMEOUT_S))
         entries_by_name = {name: ledger.read() for name, ledger in zip(names, ledgers, strict=True)}
         unfinished = {step: unfinished_by(entries_by_name, step, ready[step]) for step in candidates}
         kept_for = _kept_as_best(layout, best, candidates)
@@ -152,24 +155,3 @@ def _mark_deleted(
                 "weights_id": ready[step],
                 "reason": f"deleted by the trainer's retention before this evaluation finished it ({why})",
             }
-
-
-class _all_locked:
-    """Hold every lock of a list, each waited for at most RETENTION_LOCK_TIMEOUT_S; on a timeout the ones taken
-    are let go and filelock.Timeout is raised."""
-
-    def __init__(self, locks: list[FileLock]):
-        self.locks = locks
-
-    def __enter__(self) -> None:
-        for i, lock in enumerate(self.locks):
-            try:
-                lock.acquire(timeout=RETENTION_LOCK_TIMEOUT_S)
-            except BaseException:
-                for held in self.locks[:i]:
-                    held.release()
-                raise
-
-    def __exit__(self, *exc: Any) -> None:
-        for lock in reversed(self.locks):
-            lock.release()
