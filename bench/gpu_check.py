@@ -44,7 +44,6 @@ def samples_after_restart(config: str, run_dir, step: int) -> list[str]:
 def product_checks(config: str) -> list[tuple[str, bool, str]]:
     """The demo on `config` for real, and what its results, W&B's files and a restart must show."""
     from demo.__main__ import describe_steps, run_demo, unevaluated_steps
-    from evaluator.metrics import result_sets
     from shared.tracking import read_wandb_rows
 
     checks = []
@@ -59,13 +58,13 @@ def product_checks(config: str) -> list[tuple[str, bool, str]]:
     backends = {r["backend"] for r in results}
     checks.append(("vLLM backend", backends == {"vllm"}, ", ".join(sorted(backends))))
     checks.append(("one engine, weights swapped in place", loads.count("new-engine") == 1, ", ".join(loads)))
-    sets = result_sets(results[-1])
+    sets = results[-1]["sets"]
     for name, r in sets.items():
         n = r["sampling"]["n"]
         keys = {f"pass@{n}", f"maj@{n}"}
         checks.append((f"{name}: n > 1, pass@k and maj@k", n > 1 and keys <= set(r["metrics"]), f"n={n}"))
     first = next(iter(sets))
-    acc = [result_sets(r)[first]["metrics"]["accuracy"] for r in results]
+    acc = [r["sets"][first]["metrics"]["accuracy"] for r in results]
     checks.append(("accuracy rises", acc[-1] >= acc[0] + 0.2, " -> ".join(f"{a:.2f}" for a in acc)))
     rows = read_wandb_rows(layout.eval_dir(cfg.evaluation.name) / "wandb")
     logged = {row["train_step"] for row in rows if any(k.startswith(f"eval/{first}/pass@") for k in row)}

@@ -36,6 +36,8 @@ from filelock import FileLock
 from evaluator.recording import write_result
 from evaluator.snapshot import link_or_copy
 from shared.protocol import (
+    AVERAGE_DIRNAME,
+    AVERAGE_RESULTS_PREFIX,
     READY,
     TMP_PREFIX,
     Ledger,
@@ -50,8 +52,6 @@ from shared.protocol import (
 
 logger = logging.getLogger(__name__)
 
-AVERAGE_DIR = "average"
-"""Folder of an evaluation (eval/<name>/) holding the window and the newest averaged model."""
 WEIGHTS_ID_FILE = ".weights_id"
 METADATA_KEY = "math_sft_average"
 """Key of the averaged model.safetensors header's metadata naming what was averaged."""
@@ -63,7 +63,7 @@ class AverageError(ValueError):
 
 def average_eval_dir(eval_dir: Path, k: int) -> Path:
     """Where the results of averages of the last k checkpoints of evaluation folder `eval_dir` go."""
-    return Path(eval_dir) / f"average_last_{k}"
+    return Path(eval_dir) / f"{AVERAGE_RESULTS_PREFIX}{k}"
 
 
 def _model_files(model_dir: Path) -> list[Path]:
@@ -88,7 +88,7 @@ class AverageWindow:
         if k < 2:
             raise ValueError(f"an average needs at least 2 checkpoints, got k={k}")
         self.k = k
-        self.root = Path(eval_dir) / AVERAGE_DIR
+        self.root = Path(eval_dir) / AVERAGE_DIRNAME
         self.window_dir = self.root / "window"
         self.window_dir.mkdir(parents=True, exist_ok=True)
         self.lock = FileLock(str(self.root / ".lock"))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from evaluator import audit
 from evaluator.backends import Generation
 from evaluator.grader import GraderError, GraderPool, extract_answer, grader_version, vote_key
-from evaluator.metrics import breakdown_fields, changes, failure_kind, read_samples, result_sets, set_metrics
+from evaluator.metrics import breakdown_fields, changes, failure_kind, read_samples, set_metrics
 from shared.config import Config, EvalSetConfig, reported_budgets
 from shared.data import Example, load_dataset, load_prompt_template, render_prompt, seeded_subset
 from shared.protocol import COMPARED_SAMPLING, comparable_as, current_owner, result_file, result_steps, samples_file
@@ -394,7 +394,7 @@ class Evaluator:
 def summary_line(result: dict[str, Any]) -> str:
     t = result["timings_s"]
     parts = []
-    for name, r in result_sets(result).items():
+    for name, r in result["sets"].items():
         m, n = r["metrics"], r["sampling"]["n"]
         sampled = f" pass@{n} {m[f'pass@{n}']:.3f} maj@{n} {m[f'maj@{n}']:.3f}" if n > 1 else ""
         flips = f" +{m['learned']}/-{m['forgotten']}" if "learned" in m else ""

@@ -18,6 +18,7 @@ from evaluator.serving import advance, evaluate_snapshot, point_best, record_exc
 from evaluator.stopping import Stop
 from shared.config import Config
 from shared.protocol import (
+    CHECKPOINTS_DIRNAME,
     READY,
     TMP_PREFIX,
     CheckpointInvalid,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def _run_of(ckpt_dir: Path) -> RunLayout | None:
     """The run a checkpoint folder belongs to, if it sits in one's checkpoints/ folder."""
-    return RunLayout(ckpt_dir.parent.parent) if ckpt_dir.parent.name == "checkpoints" else None
+    return RunLayout(ckpt_dir.parent.parent) if ckpt_dir.parent.name == CHECKPOINTS_DIRNAME else None
 
 
 def _folder_id(path: Path) -> str:
@@ -52,7 +53,7 @@ def results_dir_for(cfg: Config, ckpt_dir: Path, out: str | None) -> Path:
     run = _run_of(ckpt_dir)
     if run is not None and (ckpt_dir / READY).exists():
         return run.eval_dir(cfg.evaluation.name)
-    return ckpt_dir.parent / "eval" / cfg.evaluation.name / _folder_id(ckpt_dir)
+    return RunLayout(ckpt_dir.parent).eval_dir(cfg.evaluation.name) / _folder_id(ckpt_dir)
 
 
 def _identify(ckpt_dir: Path) -> tuple[bool, int, str]:

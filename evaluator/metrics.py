@@ -23,6 +23,7 @@ Definitions (the same for every set, backend and n):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -79,6 +80,20 @@ def majority_at_k(votes: list[str | None], rewards: list[float], k: int) -> floa
 def read_samples(path: Path) -> list[dict[str, Any]]:
     """A samples file (JSON lines); DataError (a ValueError) naming the file and line when one is not JSON."""
     return [record for _, record in jsonl_records(path)]
+
+
+def read_step_result(path: Path) -> dict[str, Any]:
+    """A step's result file (step_N.json, every set's metrics under "sets"); ValueError naming the file when it
+    is not JSON, or not a step result."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a readable result ({exc})") from None
+    if not isinstance(result, dict) or type(result.get("step")) is not int:
+        raise ValueError(f"{path}: not a step result (no integer 'step')")
+    if not isinstance(result.get("sets"), dict):
+        raise ValueError(f"{path}: not a step result (no 'sets' mapping)")
+    return result
 
 
 def by_problem(samples: Iterable[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -246,12 +261,6 @@ def split_metrics(
         )
         out.update({f"{part}/{key}": value for key, value in part_metrics.items()})
     return out
-
-
-def result_sets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A result's sets, by set name. Every result the project wrote has them (the reading of results from before
-    sets existed is gone: none was ever shipped); kept only until its callers read `result["sets"]` themselves."""
-    return result["sets"]
 
 
 def changes(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[int]]:

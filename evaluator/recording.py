@@ -28,6 +28,7 @@ from evaluator.metrics import read_samples
 from evaluator.scheduler import give_back_failed, holds_claim
 from evaluator.stopping import stop_deferred
 from shared.protocol import (
+    SUPERSEDED_DIRNAME,
     ClaimLost,
     Ledger,
     Status,
@@ -38,10 +39,6 @@ from shared.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-SUPERSEDED_DIRNAME = "superseded"
-"""eval/<name>/superseded/<config id>/: results of an earlier evaluation config, moved aside when a step is
-evaluated again under the current one (same file names below it)."""
 
 
 def _superseded_files(eval_dir: Path, step: int) -> list[Path]:

@@ -24,8 +24,16 @@ from typing import Any
 
 from evaluator.audit import write_disagreements
 from evaluator.grader import GraderPool, extract_answer, grader_version, vote_key
-from evaluator.metrics import failure_kind, read_samples, result_sets, set_metrics
-from shared.protocol import RunLayout, atomic_write_bytes, atomic_write_json, result_file, result_steps, samples_file
+from evaluator.metrics import failure_kind, read_samples, read_step_result, set_metrics
+from shared.protocol import (
+    AVERAGE_RESULTS_PREFIX,
+    RunLayout,
+    atomic_write_bytes,
+    atomic_write_json,
+    result_file,
+    result_steps,
+    samples_file,
+)
 
 UNVERSIONED = "unversioned"
 """The grader version of a result written before results carried one."""
@@ -33,19 +41,15 @@ UNVERSIONED = "unversioned"
 MAX_PRINTED_FLIPS = 20
 """Flipped samples printed per step and set; all of them are in the result (`flipped`)."""
 
-AVERAGE_DIR_PREFIX = "average_last_"
-"""eval/<name>/average_last_<k>/: the results of the average of the last k checkpoints' weights
-(evaluator/averaging.py), laid out as an evaluation folder; regraded and reported with it."""
-
 
 def average_dirs(eval_dir: Path) -> list[Path]:
-    """The averaged checkpoints' result folders inside an evaluation folder, by k."""
+    """The averaged checkpoints' result folders inside an evaluation folder, by k: regraded and reported with it."""
     found = [
         path
-        for path in eval_dir.glob(f"{AVERAGE_DIR_PREFIX}*")
-        if path.is_dir() and path.name.removeprefix(AVERAGE_DIR_PREFIX).isdigit()
+        for path in eval_dir.glob(f"{AVERAGE_RESULTS_PREFIX}*")
+        if path.is_dir() and path.name.removeprefix(AVERAGE_RESULTS_PREFIX).isdigit()
     ]
-    return sorted(found, key=lambda path: int(path.name.removeprefix(AVERAGE_DIR_PREFIX)))
+    return sorted(found, key=lambda path: int(path.name.removeprefix(AVERAGE_RESULTS_PREFIX)))
 
 
 def own_version(result: dict[str, Any], set_result: dict[str, Any]) -> str:
@@ -138,23 +142,12 @@ def regrade(eval_dir: Path, set_filter: str | None, pool: GraderPool, missing_se
     steps = result_steps(eval_dir)
     if not steps:
         raise ValueError(f"{eval_dir}: no evaluation results to regrade")
-    results = {}
-    for step, path in steps.items():  # every result read before any is written: a bad file stops nothing halfway
-        try:
-            results[step] = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a readable result ({exc})") from None
-    if (
-        set_filter is not None
-        and not missing_set_ok
-        and not any(set_filter in r.get("sets", {}) for r in results.values())
-    ):
+    # every result read before any is written: a bad file stops nothing halfway
+    results = {step: read_step_result(path) for step, path in steps.items()}
+    if set_filter is not None and not missing_set_ok and not any(set_filter in r["sets"] for r in results.values()):
         raise ValueError(f"--set {set_filter}: no such set in {eval_dir}")
     done = 0
     for step, result in results.items():
-        if "sets" not in result:
-            print(f"{steps[step]}: written before evaluation sets existed; not regraded")
-            continue
         for set_name, set_result in result["sets"].items():
             if set_filter is not None and set_name != set_filter:
                 continue
@@ -190,7 +183,7 @@ def versions_of(results: list[dict[str, Any]]) -> set[str]:
     """Every grader version some set of these results has metrics of (its own, or regraded)."""
     found = set()
     for r in results:
-        for set_result in result_sets(r).values():
+        for set_result in r["sets"].values():
             found.add(own_version(r, set_result))
             found.update(set_result.get("regraded", {}))
     return found
@@ -202,7 +195,7 @@ def default_version(results: list[dict[str, Any]]) -> str:
     if current in versions_of(results):
         return current
     newest = max(results, key=lambda r: r["step"])
-    return own_version(newest, next(iter(result_sets(newest).values())))
+    return own_version(newest, next(iter(newest["sets"].values())))
 
 
 def select_grader(results: list[dict[str, Any]], version: str) -> list[str]:
@@ -211,9 +204,7 @@ def select_grader(results: list[dict[str, Any]], version: str) -> list[str]:
     Returns one line per removed (step, set), for the report to print."""
     left_out = []
     for r in results:
-        sets = r.get("sets")
-        if sets is None:
-            continue
+        sets = r["sets"]
         for name in list(sets):
             set_result = sets[name]
             if own_version(r, set_result) == version:

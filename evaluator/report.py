@@ -39,9 +39,10 @@ import yaml
 
 from evaluator import stats
 from evaluator.audit import disagreements_file, problem_disagreements
-from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, result_sets
+from evaluator.metrics import FAILURE_KINDS, by_problem, changes, read_samples, read_step_result
 from evaluator.regrade import average_dirs, graded_samples_file, own_version, select_grader, versions_of
-from shared.protocol import RunLayout, comparable_as, result_steps, samples_file
+from shared.config import IMPLICIT_SET
+from shared.protocol import REPORT_NAME, RunLayout, comparable_as, result_steps, samples_file
 
 PAIRED_RESAMPLES = 2000
 """Bootstrap replicates of the report's paired comparisons (seeded: the same samples, the same verdict)."""
@@ -85,21 +86,14 @@ def result_folder(result: dict[str, Any]) -> Path:
 
 def read_results(eval_dir: Path) -> list[dict[str, Any]]:
     """The step results of an evaluation and of its averaged checkpoints, in step order (an average after the
-    trained step it ends at). Each carries `loaded_from` (its file) and `sets` (a result written before sets
-    existed reads as its one set, `main`)."""
+    trained step it ends at). Each carries `loaded_from`, its file."""
     results = []
     for folder in (eval_dir, *average_dirs(eval_dir)):
         for path in result_steps(folder).values():
-            try:
-                result = json.loads(path.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a readable result ({exc})") from None
-            step = result.get("step") if isinstance(result, dict) else None
-            if type(step) is not int:  # a bad file is a ValueError naming it, as an unreadable one
-                raise ValueError(f"{path}: not a step result (no integer 'step')")
+            result = read_step_result(path)
             if folder != eval_dir and "average" not in result:
                 raise ValueError(f"{path}: in an averaged checkpoint's folder but without an 'average' entry")
-            result.update(sets=result_sets(result), loaded_from=str(path))
+            result["loaded_from"] = str(path)
             results.append(result)
     return sorted(results, key=lambda r: (r["step"], r.get("average", {}).get("last", 0)))
 
@@ -213,7 +207,7 @@ def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
 def set_names(results: list[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for r in results:
-        names += [n for n in result_sets(r) if n not in names]
+        names += [n for n in r["sets"] if n not in names]
     return names
 
 
@@ -234,7 +228,7 @@ def _series(
     graded by `version` (None: all)."""
     steps, values = [], []
     for r in results:
-        set_result = result_sets(r).get(set_name, {})
+        set_result = r["sets"].get(set_name, {})
         if "average" in r or (version is not None and set_result.get("graded_by") != version):
             continue
         value = set_result.get("metrics", {}).get(metric)
@@ -325,15 +319,15 @@ def best_metrics(run_dir: Path, set_names_: list[str]) -> dict[str, str]:
     try:
         saved = yaml.safe_load((RunLayout(run_dir).config_path).read_text()) or {}
         keep_best = saved["training"]["keep_best"]
-        sets = list((saved["evaluation"].get("sets") or {"main": {}}).keys())
+        sets = list((saved["evaluation"].get("sets") or {IMPLICIT_SET: {}}).keys())
         chosen[keep_best.get("set") or sets[0]] = keep_best["metric"]
     except (OSError, KeyError, TypeError, IndexError, AttributeError, yaml.YAMLError):
-        pass  # no saved config, or no keep_best: every set by accuracy
+        pass  # no keep_best, or no config.yaml (results of a folder evaluated with --ckpt): every set by accuracy
     return {name: metric for name, metric in chosen.items() if name in set_names_}
 
 
 def _largest_n(results: list[dict[str, Any]], set_name: str) -> int:
-    return max(result_sets(r)[set_name]["sampling"].get("n", 1) for r in results if set_name in result_sets(r))
+    return max(r["sets"][set_name]["sampling"].get("n", 1) for r in results if set_name in r["sets"])
 
 
 def _fraction(value: Any) -> str:
@@ -657,7 +651,7 @@ def _curve_label(metric: str, n: int) -> str:
 
 
 def _averaged(results: list[dict[str, Any]], set_name: str) -> list[dict[str, Any]]:
-    return [r for r in results if "average" in r and set_name in result_sets(r)]
+    return [r for r in results if "average" in r and set_name in r["sets"]]
 
 
 def _band(ax, results: list[dict[str, Any]], set_name: str, metric: str, color: str, version: str | None) -> None:
@@ -671,11 +665,11 @@ def _band(ax, results: list[dict[str, Any]], set_name: str, metric: str, color: 
 def _mark_noise(ax, results: list[dict[str, Any]], set_name: str) -> None:
     """A hollow grey ring on each step whose accuracy change from the step before is within the noise."""
     noise = [
-        (r["step"], result_sets(r)[set_name]["metrics"]["accuracy"])
+        (r["step"], r["sets"][set_name]["metrics"]["accuracy"])
         for r in results
         if "average" not in r
-        and set_name in result_sets(r)
-        and (paired := (result_sets(r)[set_name].get("changes") or {}).get("paired")) is not None
+        and set_name in r["sets"]
+        and (paired := (r["sets"][set_name].get("changes") or {}).get("paired")) is not None
         and not paired.distinguishable
     ]
     if noise:
@@ -690,7 +684,7 @@ def _budgets(results: list[dict[str, Any]], set_name: str) -> list[int]:
         {
             int(k[len(prefix) :])
             for r in results
-            for k in result_sets(r).get(set_name, {}).get("metrics", {})
+            for k in r["sets"].get(set_name, {}).get("metrics", {})
             if k.startswith(prefix)
         }
     )
@@ -698,10 +692,10 @@ def _budgets(results: list[dict[str, Any]], set_name: str) -> list[int]:
 
 def _draw_budgets(results: list[dict[str, Any]], set_name: str, ax) -> None:
     """Accuracy against the token budget, one line per step: the first, the last and up to 4 between."""
-    rows = [r for r in results if "average" not in r and set_name in result_sets(r)]
+    rows = [r for r in results if "average" not in r and set_name in r["sets"]]
     rows = [rows[i] for i in sorted({round(i * (len(rows) - 1) / 5) for i in range(6)})] if len(rows) > 6 else rows
     for r in rows:
-        metrics = result_sets(r)[set_name]["metrics"]
+        metrics = r["sets"][set_name]["metrics"]
         budgets = _budgets([r], set_name)
         ax.plot(budgets, [metrics[f"accuracy_at_budget/{b}"] for b in budgets], "o-", ms=3, label=f"step {r['step']}")
     ax.set_xscale("log", base=2)
@@ -718,7 +712,7 @@ def _breakdown_fields(results: list[dict[str, Any]], set_name: str) -> list[str]
     fields = {
         k.split("/")[1]
         for r in results
-        for k in result_sets(r).get(set_name, {}).get("metrics", {})
+        for k in r["sets"].get(set_name, {}).get("metrics", {})
         if k.startswith("accuracy_by/")
     }
     return sorted(fields)
@@ -933,7 +927,7 @@ def write_report(
     panels = _panels(results, load_train_log(run_dir))
     title = f"{run_dir.name} / {eval_name}" + (f" (grader {grader})" if grader else "")
     best_by = best_metrics(run_dir, set_names(results))
-    stem = f"report.grader-{grader}" if grader else "report"
+    stem = f"{REPORT_NAME}.grader-{grader}" if grader else REPORT_NAME
     png = write_png(panels, eval_dir / f"{stem}.png", title)
     return png, write_html(panels, results, eval_dir, eval_dir / f"{stem}.html", title, best_by, warnings, grader)
 

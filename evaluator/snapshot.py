@@ -29,6 +29,7 @@ from typing import Any
 
 from shared.protocol import (
     READY,
+    SNAPSHOTS_DIRNAME,
     TRAINER_STATE_DIR,
     CheckpointInvalid,
     Ledger,
@@ -42,7 +43,6 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTS_DIRNAME = "snapshots"
 _SNAPSHOT_RE = re.compile(r"^step_(\d{8})-[0-9a-f]+$")
 _FAULT_PAUSE_ENV = "MATH_SFT_FAULT_PAUSE_AFTER_SNAPSHOT_S"
 """Tests: seconds to wait after a snapshot is taken and verified, before the model is loaded from it."""

@@ -25,6 +25,14 @@ from typing import Any, Literal
 import yaml
 
 from shared.errors import UserError
+from shared.protocol.layout import (
+    AVERAGE_DIRNAME,
+    AVERAGE_RESULTS_PREFIX,
+    REPORT_NAME,
+    SNAPSHOTS_DIRNAME,
+    SUPERSEDED_DIRNAME,
+    WANDB_DIRNAME,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
@@ -36,10 +44,10 @@ EMBEDDED_DATA = "embedded:arithmetic"
 """`*.data.path` value that generates arithmetic word problems in code."""
 
 
-RESERVED_NAMES = ("wandb", "report", "snapshots", "superseded", "average")
+RESERVED_NAMES = (WANDB_DIRNAME, REPORT_NAME, SNAPSHOTS_DIRNAME, SUPERSEDED_DIRNAME, AVERAGE_DIRNAME)
 """Folders of an evaluation's results that are no set (W&B's files, the report, the evaluator's snapshots of what
 it evaluates, results of an earlier evaluation config, the window of averaged checkpoints; average_last_<k>/,
-their results, is reserved too)."""
+their results, is reserved too): shared/protocol/layout.py names them."""
 
 
 class ConfigError(UserError, ValueError):
@@ -462,10 +470,11 @@ class EvaluationConfig:
             raise ConfigError(f"{key}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         _gpu_list(key, "gpus", self.gpus)
         for name in self.sets:
-            if not name or "/" in name or name.startswith((".", "step_", "average_last_")) or name in RESERVED_NAMES:
+            reserved_prefix = name.startswith((".", "step_", AVERAGE_RESULTS_PREFIX))
+            if not name or "/" in name or reserved_prefix or name in RESERVED_NAMES:
                 raise ConfigError(
                     f"{key}.sets: a set name must be a plain folder name, not {', '.join(RESERVED_NAMES)}, step_* "
-                    f"or average_last_*; got {name!r}"
+                    f"or {AVERAGE_RESULTS_PREFIX}*; got {name!r}"
                 )
         for s in self.eval_sets():
             s.validate(f"{key}.sets.{s.name}" if self.sets else key)
@@ -682,13 +691,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             if message.startswith((f"{key}:", f"{key}[", f"{key}.")) or f"'{key}'" in message or f"'{key}." in message:
                 raise ConfigError(f"override '{item}': {message}") from None
         raise ConfigError(f"{path}: {message}") from None
-    return cfg
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy saved in a run directory)."""
-    cfg = _build(Config, data)
-    cfg.validate()
     return cfg
 
 

@@ -21,8 +21,6 @@ from pathlib import Path
 
 from shared.protocol.layout import RunLayout
 
-LOG_DIRNAME = "logs"
-"""`<run>/logs/`: the services' warnings and errors (a RunLayout property once the layout lists it)."""
 PROJECT_LOGGERS = ("trainer", "evaluator", "shared", "demo", "bench", "__main__")
 _SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 _MIN_SECRET_CHARS = 8  # shorter values ("1", "true") would mask ordinary words
@@ -55,7 +53,7 @@ class _RunFileHandler(logging.Handler):
     def __init__(self, run_dir: Path, service: str) -> None:
         super().__init__(logging.WARNING)
         self.layout = RunLayout(Path(run_dir))
-        self.path = self.layout.run_dir / LOG_DIRNAME / f"{service}.log"  # one file for every rank of a service
+        self.path = self.layout.logs_dir / f"{service}.log"  # one file for every rank of a service
 
     def emit(self, record: logging.LogRecord) -> None:
         if not (self.layout.config_path.is_file() or self.layout.checkpoints_dir.is_dir()):

@@ -109,3 +109,29 @@ def test_with_fsync_a_no_op_the_publish_order_check_fails(tmp_path, monkeypatch)
     publish_checkpoint(tmp, layout.checkpoint_dir(3), 3, "cfg")
     with pytest.raises(AssertionError, match="fsync"):
         check_publish_order(spy, tmp, layout.checkpoint_dir(3), FILES)
+
+
+def test_base_model_is_published_whole_past_a_crash_leftover_and_kept(tmp_path, monkeypatch):
+    """base_model (the embedded model, or a hub model's config and tokenizer) is written into a temporary folder,
+    fsynced and renamed into place; what a crash left in the temporary folder is removed first; once there, it
+    is kept as it is."""
+    from trainer.train import publish_base_model
+
+    layout = RunLayout(tmp_path / "run")
+    (layout.tmp_base_model_dir / "sub").mkdir(parents=True)
+    (layout.tmp_base_model_dir / "half-written.bin").write_bytes(b"x")  # a crash's leftover
+
+    def write(out: Path) -> None:
+        (out / "sub").mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "sub" / "tokenizer.json").write_text("{}")
+
+    spy = Spy(monkeypatch)
+    assert publish_base_model(layout, write) == layout.base_model_dir
+    renamed = spy.index(("rename", layout.tmp_base_model_dir, layout.base_model_dir))
+    for path in ("config.json", "sub/tokenizer.json", "sub", ""):
+        assert spy.index(("fsync", layout.tmp_base_model_dir / path)) < renamed, f"{path} not fsynced before"
+    spy.index(("fsync", layout.run_dir), after=renamed)
+    files = sorted(str(p.relative_to(layout.base_model_dir)) for p in layout.base_model_dir.rglob("*"))
+    assert files == ["config.json", "sub", "sub/tokenizer.json"] and not layout.tmp_base_model_dir.exists()
+    publish_base_model(layout, lambda out: pytest.fail("base_model is written again"))

@@ -110,3 +110,39 @@ def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gp
     )
     assert "vLLM's engine in a child process failed (did not start within 8s)" in proc.stdout
     assert (tmp_path / "out" / "step_00000600.json").is_file()
+
+
+def test_a_hung_vllm_generate_is_killed_and_its_step_evaluated_again(gpu_run):
+    """The real service on a finished run, its first generate wedged (MATH_SFT_FAULT_GENERATE_HANG=1) with the
+    engine core in a child process: after generate_timeout_s with no progress the evaluator kills that process,
+    records the failed attempt, builds a new engine and evaluates the step; nothing is left unevaluated."""
+    from conftest import ledger_of
+    from shared.protocol import Status
+
+    run_dir = gpu_run.parent
+    proc = run_service(
+        "evaluator",
+        "--config",
+        run_dir.parent.parent / "cfg.yaml",
+        "--run",
+        run_dir,
+        "--once",
+        "evaluation.backend=vllm",
+        "evaluation.vllm_engine_process=child",
+        "evaluation.engine_start_timeout_s=300",
+        "evaluation.generate_timeout_s=20",
+        "evaluation.gpu_memory_utilization=0.3",
+        "evaluation.name=hang",
+        env_extra={
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+            "MATH_SFT_FAULT_GENERATE_HANG": "1",
+        },
+        timeout=540,
+    )
+    out = proc.stdout + proc.stderr
+    assert "vLLM generate hung: killed its engine-core processes" in out, out[-3000:]
+    ledger = ledger_of(run_dir, "hang")
+    [hung] = [entry for entry in ledger.values() if entry.get("failed_attempts")]
+    assert "generate_timeout_s" in hung["failed_attempts"][0]["reason"] and hung["status"] == Status.DONE, hung
+    assert all(entry["status"] == Status.DONE for entry in ledger.values()), ledger

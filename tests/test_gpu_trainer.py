@@ -20,10 +20,9 @@ def cuda():
 
 def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
     torch = cuda
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.config import config_from_dict
+    from shared.config import load_config
     from shared.data import load_dataset, load_prompt_template, render_prompt
     from trainer.logprobs import response_log_probs
     from trainer.packing import (
@@ -35,7 +34,7 @@ def test_varlen_packed_log_probs_match_padded_in_bf16(cuda, trained_run):
     )
     from trainer.sft import get_response_log_probs, tokenize_prompt_and_output
 
-    cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    cfg = load_config(trained_run / "config.yaml")
     data = load_dataset(cfg.training.data)[:16]
     template = load_prompt_template(cfg.prompt_template_path())
     prompts, responses = [render_prompt(template, ex) for ex in data], [ex.response for ex in data]

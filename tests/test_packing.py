@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_service
-from shared.config import config_from_dict
+from shared.config import load_config
 from shared.data import load_dataset, load_prompt_template, render_prompt
 from trainer.logprobs import linear_log_probs, response_log_probs
 from trainer.master import MasterWeights
@@ -80,7 +79,7 @@ def test_the_fusable_gradient_of_the_compiled_head_is_the_eager_one():
 
 @pytest.fixture(scope="module")
 def tiny(trained_run):
-    cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    cfg = load_config(trained_run / "config.yaml")
     data = load_dataset(cfg.training.data)[:6]
     template = load_prompt_template(cfg.prompt_template_path())
     prompts, responses = [render_prompt(template, ex) for ex in data], [ex.response for ex in data]

@@ -12,8 +12,19 @@ import time
 
 import pytest
 
-from conftest import REPO
-from shared.protocol import Liveness, Presence, RunLayout, read_presence
+from conftest import REPO, wait_for
+from evaluator.scheduler import claim_next, holds_claim
+from shared.protocol import (
+    Ledger,
+    Liveness,
+    Presence,
+    RunLayout,
+    Status,
+    current_owner,
+    publish_checkpoint,
+    read_presence,
+    ready_weights_ids,
+)
 
 TIMEOUT_S = 2.0
 SLACK_S = 1.5
@@ -135,6 +146,35 @@ def test_in_the_same_pid_namespace_a_killed_owner_is_dead_at_once_and_a_frozen_o
         for proc in (killed, frozen):
             proc.kill()
             proc.wait()
+
+
+def test_a_frozen_holder_goes_stale_its_claim_is_taken_and_resumed_it_finds_the_claim_gone(layout):
+    """An evaluator frozen (SIGSTOP) while it holds a claim of a published step: the claim names the step's real
+    weights id, so it is taken for its owner's staleness alone (a claim of other weights would not count for the
+    step anyway). Kept while the owner makes progress, taken once it is judged dead; resumed, the owner is alive
+    again and finds that the step is no longer its claim (the fence every change of a claimed step passes)."""
+    tmp = layout.tmp_checkpoint_dir(2)
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"weights")
+    publish_checkpoint(tmp, layout.checkpoint_dir(2), 2, "cfg")
+    ready = ready_weights_ids(layout.checkpoints_dir)
+    frozen, owner = start_writer(layout, other_namespace=False)
+    try:
+        ledger = Ledger(layout.eval_dir("default"))
+        ledger.set(2, Status.RUNNING, owner=owner, weights_id=ready[2], attempts=1)
+        liveness = Liveness(layout, TIMEOUT_S, self_id="reader")
+        assert claim_next(ledger, ready, alive=liveness.alive, backfill=False, newest_first=True) is None
+        frozen.send_signal(signal.SIGSTOP)
+        seconds_until_dead(liveness, [owner], TIMEOUT_S + SLACK_S, since=time.monotonic())
+        got = claim_next(ledger, ready, alive=liveness.alive, backfill=False, newest_first=True)
+        assert (got.step, got.weights_id, got.interrupted) == (2, ready[2], True)
+        frozen.send_signal(signal.SIGCONT)
+        wait_for(lambda: liveness.alive(owner), TIMEOUT_S + SLACK_S, "the resumed owner's progress")
+        entry = ledger.read()[2]
+        assert not holds_claim(entry, owner["id"]) and holds_claim(entry, current_owner()["id"])
+    finally:
+        frozen.kill()
+        frozen.wait()
 
 
 def test_a_live_process_without_progress_goes_stale_and_progress_revives_it(layout):

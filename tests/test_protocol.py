@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,27 +103,16 @@ def test_newer_manifest_version_is_a_clear_error(layout):
         verify_checkpoint(layout.checkpoint_dir(1))
 
 
-def test_version_1_manifests_still_verify_and_catch_damage(layout):
-    """Checkpoints published before chunk hashes (one SHA-256 a file) keep verifying."""
+@pytest.mark.parametrize("version", [protocol.MANIFEST_VERSION - 1, None, "2"])
+def test_older_or_unknown_manifest_version_is_refused_naming_the_file(layout, version):
+    """Only the current version is read: an older one (one SHA-256 a file, never shipped) is refused, not guessed at."""
     make_checkpoint(layout, 1)
-    ckpt = layout.checkpoint_dir(1)
-    old = {
-        "version": 1,
-        "step": 1,
-        "time": 0,
-        "config_hash": "c",
-        "files": {
-            rel: {"size_bytes": (ckpt / rel).stat().st_size, "sha256": protocol.file_sha256(ckpt / rel)}
-            for rel in ("model.safetensors", "config.json", "trainer_state/state.json")
-        },
-    }
-    (ckpt / READY).write_text(json.dumps(old))
-    assert verify_checkpoint(ckpt)["version"] == 1
-    data = bytearray((ckpt / "config.json").read_bytes())
-    data[2] ^= 1
-    (ckpt / "config.json").write_bytes(bytes(data))
-    with pytest.raises(CheckpointInvalid, match=r"config\.json: content hash mismatch"):
-        verify_checkpoint(ckpt)
+    marker = layout.checkpoint_dir(1) / READY
+    manifest = {k: v for k, v in json.loads(marker.read_text()).items() if k != "version"}
+    marker.write_text(json.dumps(manifest if version is None else {**manifest, "version": version}))
+    expected = rf"^{re.escape(str(marker))}: manifest version {re.escape(repr(version))} is not one this code reads"
+    with pytest.raises(CheckpointInvalid, match=expected):
+        verify_checkpoint(layout.checkpoint_dir(1))
 
 
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 53])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, rewind_copy, run_service, service_env, start_service, wait_for
+from conftest import REPO, rewind_copy, run_service, service_env, start_service, start_trainer_saving, wait_for
 from shared.protocol import (
     READY,
     Ledger,
@@ -173,16 +173,9 @@ def test_a_stop_after_a_skipped_save_saves_the_step_it_stops_at(tmp_path, make_c
 def test_sigkill_during_save_leaves_nothing_loadable_and_resume_cleans_up(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    proc = start_service(
-        "trainer", "--config", cfg, log=tmp_path / "t.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
-    )
+    # killed while the save of step 4 is in progress, step 2's published
+    proc = start_trainer_saving(cfg, tmp_path / "t.log", 4, published=(2,))
     try:
-        # Wait until the second save is in progress (the first one published), then kill.
-        wait_for(
-            lambda: layout.checkpoint_dir(2).joinpath(READY).exists() and layout.tmp_checkpoint_dir(4).exists(),
-            120,
-            "save of step 4",
-        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -285,15 +278,15 @@ def test_keep_best_keeps_the_best_evaluated_checkpoints_and_points_at_the_best(r
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
     cfg = make_config()
     layout = RunLayout(tmp_path / "runs" / "tiny")
-    first = start_service(
-        "trainer", "--config", cfg, log=tmp_path / "first.log", env_extra={"MATH_SFT_FAULT_SLOW_SAVE_S": "0.5"}
-    )
+    first = start_trainer_saving(cfg, tmp_path / "first.log", 2)
     try:
-        wait_for(lambda: layout.tmp_checkpoint_dir(2).exists(), 120, "the first trainer's first save")
         second = run_service("trainer", "--config", cfg, check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"another trainer is training this run (pid {first.pid} on" in second.stderr
-        assert (first.poll() is None and layout.tmp_checkpoint_dir(2).exists()) or layout.checkpoint_dir(2).exists()
+        # the refused trainer disturbed nothing: the first one's save of step 2 goes on (or is published by now)
+        # and the run's lock file is there
+        assert layout.tmp_checkpoint_dir(2).exists() or layout.checkpoint_dir(2).exists()
+        assert layout.trainer_lock_path.is_file()
         assert first.wait(120) == 0
     finally:
         first.kill()
@@ -382,12 +375,12 @@ def test_losses_match_a_plain_loop_with_clipping(trained_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.config import config_from_dict
+    from shared.config import load_config
     from shared.data import load_dataset, load_prompt_template, render_prompt
     from trainer.sft import tokenize_prompt_and_output
     from trainer.train import DataOrder, lr_at
 
-    cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    cfg = load_config(trained_run / "config.yaml")
     tc = cfg.training
     logged = {r["train_step"]: r for r in train_log(trained_run)}
     assert max(r["train/grad_norm"] for r in logged.values()) > tc.max_grad_norm  # clipping is active in this run

@@ -10,8 +10,10 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from shared.protocol import (
     RunLayout,
     TrainerLock,
     atomic_write_bytes,
+    fsync_dir,
+    fsync_tree,
     list_ready_checkpoints,
     move_aside_corrupt,
     remove_incomplete_checkpoints,
@@ -86,14 +90,31 @@ class DataOrder:
         return int(self._perm[position % self.n])
 
 
+def publish_base_model(layout: RunLayout, write: Callable[[Path], None]) -> Path:
+    """The run's base_model folder, made once by `write(folder)`: written into a temporary folder inside the run
+    directory, fsynced and renamed into place, so that base_model, once there, is whole and kept as it is. A
+    temporary folder left by a crash is removed first."""
+    final, tmp = layout.base_model_dir, layout.tmp_base_model_dir
+    if final.is_dir():
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
 def resolve_model_path(cfg: Config, layout: RunLayout, template: str, train: list[Example]) -> str:
+    """The model to start from: `model.path`, or the embedded model built into the run's base_model folder."""
     if cfg.model.path != EMBEDDED_MODEL:
         return cfg.model.path
-    if not (layout.base_model_dir / "model.safetensors").is_file():
-        tmp = layout.run_dir / ".tmp_base_model"
-        save_embedded_model(cfg.model, template, train, tmp, cfg.training.seed)
-        tmp.rename(layout.base_model_dir)
-    return str(layout.base_model_dir)
+
+    def build(out: Path) -> None:
+        save_embedded_model(cfg.model, template, train, out, cfg.training.seed)
+
+    return str(publish_base_model(layout, build))
 
 
 PEAK_BF16_FLOPS = (
@@ -127,12 +148,13 @@ def model_files_dir(model_path: str, model, tokenizer, layout: RunLayout) -> Pat
     A hub name has none: export them once into the run's base_model folder."""
     if Path(model_path).is_dir():
         return Path(model_path)
-    out = layout.base_model_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+    def export(out: Path) -> None:
+        model.config.save_pretrained(out)
+        model.generation_config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return publish_base_model(layout, export)
 
 
 def newest_valid_checkpoint(layout: RunLayout) -> Path | None:

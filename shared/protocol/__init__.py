@@ -26,10 +26,17 @@ from shared.protocol.durable import (
     write_hashed,
 )
 from shared.protocol.layout import (
+    AVERAGE_DIRNAME,
+    AVERAGE_RESULTS_PREFIX,
+    CHECKPOINTS_DIRNAME,
     CORRUPT_PREFIX,
     READY,
+    REPORT_NAME,
+    SNAPSHOTS_DIRNAME,
+    SUPERSEDED_DIRNAME,
     TMP_PREFIX,
     TRAINER_STATE_DIR,
+    WANDB_DIRNAME,
     RunLayout,
     parse_step,
     result_file,
@@ -86,6 +93,9 @@ from shared.protocol.runlock import (
 )
 
 __all__ = [
+    "AVERAGE_DIRNAME",
+    "AVERAGE_RESULTS_PREFIX",
+    "CHECKPOINTS_DIRNAME",
     "CHUNK_BYTES",
     "COMPARED_SAMPLING",
     "CORRUPT_PREFIX",
@@ -93,9 +103,13 @@ __all__ = [
     "MANIFEST_VERSION",
     "MIN_WRITE_INTERVAL_S",
     "READY",
+    "REPORT_NAME",
     "RETENTION_LOCK_TIMEOUT_S",
+    "SNAPSHOTS_DIRNAME",
+    "SUPERSEDED_DIRNAME",
     "TMP_PREFIX",
     "TRAINER_STATE_DIR",
+    "WANDB_DIRNAME",
     "BestRule",
     "CheckpointInvalid",
     "CheckpointWriteError",

@@ -63,6 +63,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    """One SHA-256 of a whole file, read back: no manifest uses it; bench.bench_checkpoint times it as the
+    baseline that chunk digests (hashed while written, verified in parallel) replaced."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK_BYTES):

@@ -1,8 +1,11 @@
-"""Layout: every path of a run directory, and nothing else decides one.
+"""Layout: every path of a run directory, and nothing else decides one (each folder's name is defined here once).
 
     runs/<run>/
       config.yaml                        resolved config of the trainer's latest start
       .trainer.lock (+ .trainer.json)    held by the one trainer of this run (an OS lock: gone when it dies)
+      base_model/                        with no local model folder: the embedded model the trainer built, or a
+                                         hub model's config and tokenizer (written in .tmp_base_model/, renamed)
+      logs/<service>.log                 the services' warnings and errors
       checkpoints/
         .tmp_step_00000500/              being written; never read by anyone
         step_00000500/                   model files (safetensors, config, tokenizer) + trainer_state/
@@ -19,10 +22,15 @@
         <set>/step_00000500.json         that set's metrics
         step_00000500.json               every set's metrics under "sets" (written last, atomically: it
                                          implies the files above exist)
+        wandb/  report.png, report.html  W&B's files; the report (evaluator/report.py)
+        snapshots/                       the evaluator's snapshots of the checkpoints it evaluates (snapshot.py)
+        superseded/<config id>/          results of an earlier evaluation config, moved aside (recording.py)
+        average/  average_last_<k>/      averaged checkpoints' window and model; their results (averaging.py)
 
 Invariants:
 - Temporary names start with `.tmp_`; only their writer creates them, and readers ignore them.
 - A step's folder name is `step_` and eight digits; anything else under checkpoints/ is no step.
+- No evaluation set is named like a folder of eval/<eval_name>/ that is no set's (shared.config.RESERVED_NAMES).
 """
 
 from __future__ import annotations
@@ -35,6 +43,20 @@ READY = "READY"
 TMP_PREFIX = ".tmp_"
 CORRUPT_PREFIX = "corrupt_"
 TRAINER_STATE_DIR = "trainer_state"
+CHECKPOINTS_DIRNAME = "checkpoints"
+BASE_MODEL_DIRNAME = "base_model"
+LOGS_DIRNAME = "logs"
+EVAL_DIRNAME = "eval"
+
+# Folders (and the report's file stem) of an evaluation folder, eval/<eval_name>/, that are no set's.
+WANDB_DIRNAME = "wandb"
+"""W&B's files, beside the JSONL log of the same rows (the trainer's in the run folder)."""
+REPORT_NAME = "report"
+SNAPSHOTS_DIRNAME = "snapshots"
+SUPERSEDED_DIRNAME = "superseded"
+AVERAGE_DIRNAME = "average"
+AVERAGE_RESULTS_PREFIX = "average_last_"
+"""average_last_<k>/: the results of the average of the last k checkpoints, laid out as an evaluation folder."""
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -59,7 +81,16 @@ class RunLayout:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / CHECKPOINTS_DIRNAME
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / LOGS_DIRNAME
+
+    @property
+    def evals_dir(self) -> Path:
+        """eval/: one folder per evaluation name."""
+        return self.run_dir / EVAL_DIRNAME
 
     @property
     def presence_dir(self) -> Path:
@@ -85,8 +116,14 @@ class RunLayout:
 
     @property
     def base_model_dir(self) -> Path:
-        """Where the trainer saves the embedded model it built, so every process loads the same one."""
-        return self.run_dir / "base_model"
+        """The model files the run starts from where it has no local folder of them (the embedded model the
+        trainer built, or a hub model's config and tokenizer), so every process loads the same ones."""
+        return self.run_dir / BASE_MODEL_DIRNAME
+
+    @property
+    def tmp_base_model_dir(self) -> Path:
+        """Where base_model is written before it is renamed into place."""
+        return self.run_dir / (TMP_PREFIX + BASE_MODEL_DIRNAME)
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / step_dirname(step)
@@ -95,7 +132,7 @@ class RunLayout:
         return self.checkpoints_dir / (TMP_PREFIX + step_dirname(step))
 
     def eval_dir(self, name: str) -> Path:
-        return self.run_dir / "eval" / name
+        return self.evals_dir / name
 
     def result_path(self, eval_name: str, step: int) -> Path:
         return result_file(self.eval_dir(eval_name), step)

@@ -92,6 +92,9 @@ class Ledger:
         return result
 
     def set(self, step: int, status: str, **info: Any) -> None:
+        """Replace `step`'s entry under the lock, keeping only its `attempts` count (evaluator/averaging.py records
+        the averaged checkpoints' outcomes with it)."""
+
         def apply(entries: dict[int, dict[str, Any]]) -> None:
             kept = {k: v for k, v in entries.get(step, {}).items() if k == "attempts"}
             entries[step] = {**kept, "status": status, "time": time.time(), **info}
@@ -122,7 +125,7 @@ def entry_for(
 
 
 def iter_ledgers(layout: RunLayout) -> Iterator[Ledger]:
-    root = layout.run_dir / "eval"
+    root = layout.evals_dir
     if root.is_dir():
         for eval_dir in sorted(root.iterdir()):
             if (eval_dir / "ledger.json").is_file():

@@ -17,25 +17,22 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
 from shared.protocol.durable import (
     CHUNK_BYTES,
-    HASH_THREADS,
     atomic_write_json,
     chunk_digests,
-    file_sha256,
     fsync_dir,
     fsync_tree,
 )
 from shared.protocol.layout import CORRUPT_PREFIX, READY, TMP_PREFIX, TRAINER_STATE_DIR, parse_step
 
 MANIFEST_VERSION = 2
-"""1: one SHA-256 per file. 2: SHA-256 per CHUNK_BYTES chunk of each file, computed while the file is written
-and verified chunk by chunk in parallel threads. Readers take both; a newer version is refused."""
+"""SHA-256 per `chunk_bytes` chunk of each file, computed while the file is written and verified chunk by chunk
+in parallel threads. The only version this code writes or reads: any other is refused, naming the READY file."""
 _FILE_MODE = 0o644
 """Every published file, whatever wrote it (safetensors writes 0600): readable by the group, like the rest."""
 
@@ -105,6 +102,8 @@ def publish_checkpoint(
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The READY manifest of `directory`, not verified. CheckpointInvalid, one line naming READY, where it is
+    missing, unreadable, or of a version other than MANIFEST_VERSION."""
     marker = Path(directory) / READY
     if not Path(directory).is_dir():
         raise CheckpointInvalid(f"{directory}: no such checkpoint directory")
@@ -112,18 +111,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointInvalid(f"{directory}: missing {READY} marker (checkpoint incomplete or not from this trainer)")
     try:
         manifest = json.loads(marker.read_text())
-        files = manifest["files"]
-        manifest["step"]
-    except (ValueError, KeyError, TypeError) as exc:
+        version = manifest.get("version")
+    except (ValueError, AttributeError) as exc:
         raise CheckpointInvalid(f"{marker}: unreadable manifest ({exc})") from None
-    if not isinstance(files, dict):
-        raise CheckpointInvalid(f"{marker}: unreadable manifest ('files' is not a mapping)")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
+    if isinstance(version, int) and version > MANIFEST_VERSION:
         raise CheckpointInvalid(
-            f"{marker}: manifest version {version!r} is newer than this code reads "
-            f"(<= {MANIFEST_VERSION}); update the code that reads it"
+            f"{marker}: manifest version {version} is newer than this code reads "
+            f"({MANIFEST_VERSION}); update the code that reads it"
         )
+    if version != MANIFEST_VERSION:
+        raise CheckpointInvalid(
+            f"{marker}: manifest version {version!r} is not one this code reads ({MANIFEST_VERSION})"
+        )
+    missing = [key for key in ("files", "step", "chunk_bytes") if key not in manifest]
+    if missing:
+        raise CheckpointInvalid(f"{marker}: unreadable manifest (no {missing[0]!r} key)")
+    if not isinstance(manifest["files"], dict):
+        raise CheckpointInvalid(f"{marker}: unreadable manifest ('files' is not a mapping)")
     return manifest
 
 
@@ -132,7 +136,7 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
     `model_only`: hash only what a model loader reads (the evaluator), sizes of everything still checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    whole, chunked = [], []  # version 1 entries (one digest a file), version 2 entries (a digest a chunk)
+    hashed = []
     for rel, meta in sorted(manifest["files"].items()):
         path = directory / rel
         if not path.is_file():
@@ -141,16 +145,10 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True, model_only: bo
         if size != meta["size_bytes"]:
             raise CheckpointInvalid(f"{path}: size mismatch ({size} bytes on disk, {meta['size_bytes']} in {READY})")
         if check_hashes and not (model_only and rel.startswith(TRAINER_STATE_DIR + "/")):
-            (whole if "sha256" in meta else chunked).append((path, meta))
-    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, max(1, len(whole)))) as pool:
-        whole_digests = list(pool.map(lambda item: file_sha256(item[0]), whole))
-    chunk_lists = chunk_digests([path for path, _ in chunked], manifest.get("chunk_bytes", CHUNK_BYTES))
-    found = [(path, meta.get("sha256"), digest) for (path, meta), digest in zip(whole, whole_digests, strict=True)]
-    found += [
-        (path, meta.get("sha256_chunks"), digests) for (path, meta), digests in zip(chunked, chunk_lists, strict=True)
-    ]
-    for path, expected, digest in found:
-        if digest != expected:
+            hashed.append((path, meta["sha256_chunks"]))
+    digests = chunk_digests([path for path, _ in hashed], manifest["chunk_bytes"])
+    for (path, expected), found in zip(hashed, digests, strict=True):
+        if found != expected:
             raise CheckpointInvalid(f"{path}: content hash mismatch (file changed or corrupted after it was written)")
     return manifest
 
@@ -164,22 +162,21 @@ def _weights_id_of(sha256_by_file: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_digest(meta: dict[str, Any]) -> str:
-    return meta.get("sha256") or hashlib.sha256("".join(meta["sha256_chunks"]).encode()).hexdigest()
+def _file_digest(chunks: list[str]) -> str:
+    return hashlib.sha256("".join(chunks).encode()).hexdigest()
 
 
 def weights_id(manifest: dict[str, Any]) -> str:
     """What a result measured: a hash of the model files' hashes (trainer state left out). The same files give
-    the same id from a version-2 manifest and from `folder_weights_id` (a version-1 manifest, hashing whole
-    files, gives another id for the same bytes: its results are evaluated again once)."""
-    return _weights_id_of({rel: _file_digest(meta) for rel, meta in manifest["files"].items()})
+    the same id from a manifest written at the default CHUNK_BYTES (the trainer's) and from `folder_weights_id`."""
+    return _weights_id_of({rel: _file_digest(meta["sha256_chunks"]) for rel, meta in manifest["files"].items()})
 
 
 def folder_weights_id(directory: Path) -> str:
     """`weights_id` of a plain model folder (no READY), from its contents: reads every file once, in parallel."""
     rels = [rel for rel in _listed_files(directory) if _is_model_file(rel) and not rel.startswith(".")]
     digests = chunk_digests([directory / rel for rel in rels])
-    return _weights_id_of({rel: _file_digest({"sha256_chunks": d}) for rel, d in zip(rels, digests, strict=True)})
+    return _weights_id_of({rel: _file_digest(d) for rel, d in zip(rels, digests, strict=True)})
 
 
 def ready_weights_ids(checkpoints_dir: Path) -> dict[int, str]:

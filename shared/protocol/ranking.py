@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from shared.protocol.layout import TMP_PREFIX, RunLayout, step_dirname
+from shared.protocol.layout import CHECKPOINTS_DIRNAME, TMP_PREFIX, RunLayout, step_dirname
 from shared.protocol.manifest import ready_weights_ids
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def rank_and_point(layout: RunLayout, best: BestRule | None) -> list[list[tuple[
         if link.is_symlink():
             link.unlink()
         return groups
-    target = Path("checkpoints") / step_dirname(groups[0][0][1])
+    target = Path(CHECKPOINTS_DIRNAME) / step_dirname(groups[0][0][1])
     if not (link.is_symlink() and Path(os.readlink(link)) == target):
         tmp = link.with_name(f"{TMP_PREFIX}best-{uuid.uuid4().hex[:8]}")
         os.symlink(target, tmp)

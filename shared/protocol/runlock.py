@@ -152,7 +152,7 @@ def _holder() -> dict[str, Any]:
 def _worth_keeping(layout: RunLayout) -> bool:
     """Something in the run that a failed start must not remove: a published checkpoint, an evaluation's folder
     (an evaluator may already work in the run), an evaluator's presence."""
-    evaluated = (layout.run_dir / "eval").exists() or layout.presence_dir.exists()
+    evaluated = layout.evals_dir.exists() or layout.presence_dir.exists()
     return evaluated or bool(list_ready_checkpoints(layout.checkpoints_dir))
 
 
