@@ -172,7 +172,7 @@ def run_demo(config: str | None, user_overrides: list[str]) -> tuple[RunLayout, 
     evaluator = _start("eval", [sys.executable, "-m", "evaluator", *config_args], env)
     done = threading.Event()
     progress = threading.Thread(
-        target=_print_progress, args=(layout.run_dir / "train_log.jsonl", cfg.training.max_steps, done), daemon=True
+        target=_print_progress, args=(layout.train_log_file, cfg.training.max_steps, done), daemon=True
     )
     try:
         trainer = _start("train", [sys.executable, "-m", "trainer", *config_args], env)

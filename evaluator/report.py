@@ -188,7 +188,7 @@ def flips_between(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> 
 
 
 def load_train_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "train_log.jsonl"
+    path = RunLayout(run_dir).train_log_file
     if not path.is_file():
         return []
     kept: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from shared.config import Config
 from shared.errors import UserError
-from shared.protocol.layout import WANDB_DIRNAME
+from shared.protocol.layout import WANDB_DIRNAME, rows_log_file
 
 WANDB_FLUSH_INTERVAL_S = 0.25
 """How often W&B's service writes logged rows to its file (its default, 15 s, loses that much on a kill)."""
@@ -53,7 +53,7 @@ class Tracker:
         self.x_axis = x_axis
         created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = out_dir / f"{job_type}_log.jsonl"
+        self.log_path = rows_log_file(out_dir, job_type)
         self.wandb_dir = out_dir / WANDB_DIRNAME
         self.mode = resolve_mode(cfg.wandb.mode)
         self.run = None

@@ -41,6 +41,7 @@ from shared.protocol.layout import (
     parse_step,
     result_file,
     result_steps,
+    rows_log_file,
     samples_file,
     step_dirname,
 )
@@ -151,6 +152,7 @@ __all__ = [
     "remove_incomplete_checkpoints",
     "result_file",
     "result_steps",
+    "rows_log_file",
     "samples_file",
     "step_dirname",
     "unpublish_old_checkpoints",

@@ -6,6 +6,7 @@
       base_model/                        with no local model folder: the embedded model the trainer built, or a
                                          hub model's config and tokenizer (written in .tmp_base_model/, renamed)
       logs/<service>.log                 the services' warnings and errors
+      train_log.jsonl                    the trainer's logged rows (eval/<eval_name>/eval_log.jsonl: the evaluator's)
       checkpoints/
         .tmp_step_00000500/              being written; never read by anyone
         step_00000500/                   model files (safetensors, config, tokenizer) + trainer_state/
@@ -88,6 +89,10 @@ class RunLayout:
         return self.run_dir / LOGS_DIRNAME
 
     @property
+    def train_log_file(self) -> Path:
+        return rows_log_file(self.run_dir, "train")
+
+    @property
     def evals_dir(self) -> Path:
         """eval/: one folder per evaluation name."""
         return self.run_dir / EVAL_DIRNAME
@@ -148,6 +153,12 @@ def result_file(eval_dir: Path, step: int, set_name: str | None = None) -> Path:
 
 def samples_file(eval_dir: Path, set_name: str, step: int) -> Path:
     return eval_dir / set_name / f"{step_dirname(step)}.samples.jsonl"
+
+
+def rows_log_file(out_dir: Path, job_type: str) -> Path:
+    """<job_type>_log.jsonl: the rows a service logged (the trainer's in the run folder, the evaluator's in
+    its evaluation folder), the same rows W&B gets."""
+    return out_dir / f"{job_type}_log.jsonl"
 
 
 def result_steps(eval_dir: Path, set_name: str | None = None) -> dict[int, Path]:
