@@ -285,7 +285,7 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, make_config):
         assert f"another trainer is training this run (pid {first.pid} on" in second.stderr
         # the refused trainer disturbed nothing: the first one's save of step 2 goes on (or is published by now)
         # and the run's lock file is there
-        assert layout.tmp_checkpoint_dir(2).exists() or layout.checkpoint_dir(2).exists()
+        assert (first.poll() is None and layout.tmp_checkpoint_dir(2).exists()) or layout.checkpoint_dir(2).exists()
         assert layout.trainer_lock_path.is_file()
         assert first.wait(120) == 0
     finally:
