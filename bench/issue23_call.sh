@@ -58,8 +58,8 @@ compare)  # the candidates against today's defaults (greedy rows, static head), 
 against)  # TRL, the padded plain loop, ours with the candidates, the stall and the trainer's GPU tests
   step trl_best python3 -m bench.bench_trl --lengths "$lengths" --variant padding_free --liger --compile
   step real_addmm env MATH_SFT_TRY=addmm "${real[@]}"
-  step plain_loop python3 -m bench.bench_trl --lengths "$lengths" --variant plain --per-device 8
   step stall env MATH_SFT_TRY=addmm python3 -m bench.bench_train
+  step plain_loop python3 -m bench.bench_trl --lengths "$lengths" --variant plain --per-device 8
   step gpu_trainer_tests env MATH_SFT_TRY=addmm python3 -m pytest -q -m gpu tests/test_gpu_trainer.py
   ;;
 final)  # the defaults, on a fresh machine

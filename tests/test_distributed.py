@@ -150,6 +150,27 @@ def test_resume_on_the_same_number_of_processes(sharded_run, tmp_path, make_conf
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
 
 
+def test_with_every_checkpoint_corrupt_and_no_base_model_the_run_starts_over_and_rank_0_alone_builds_it(
+    sharded_run, tmp_path, make_config
+):
+    run = rewind_copy(sharded_run, tmp_path / "runs" / "tiny", to_step=2)
+    shutil.rmtree(RunLayout(run).base_model_dir)
+    for path in list_ready_checkpoints(run / "checkpoints").values():
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    out = torchrun(make_config())
+    assert out.stderr.count("moved it aside to") == 2 and "resumed from" not in out.stdout
+    assert sorted(p.name for p in (run / "checkpoints").glob("corrupt_*")) == [
+        "corrupt_step_00000000",
+        "corrupt_step_00000002",
+    ]
+    assert not RunLayout(run).tmp_base_model_dir.exists() and RunLayout(run).base_model_dir.is_dir()
+    started_over, straight = losses(run), losses(sharded_run)
+    assert sorted(started_over) == sorted(straight)
+    for step in straight:
+        assert started_over[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
 def test_resume_on_a_different_number_is_a_clear_error(sharded_run, tmp_path, make_config):
     run = tmp_path / "runs" / "tiny"
     shutil.copytree(sharded_run, run)

@@ -428,14 +428,16 @@ def find_resume_point(
     cfg: Config, layout: RunLayout, d: Dist, data: TrainingData, log: RankLog
 ) -> tuple[Path | None, int]:
     """The newest valid checkpoint and its step (None, 0 for a new run), after clearing what a crash left."""
+    newest = None
     if d.is_main:
         layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for leftover in remove_incomplete_checkpoints(layout.checkpoints_dir):
             log.info(f"removed incomplete checkpoint {leftover}")
-        if not list_ready_checkpoints(layout.checkpoints_dir):  # the embedded model, once, before other ranks look
+        newest = newest_valid_checkpoint(layout)  # rank 0 verifies (hashes every file once)
+        if newest is None:  # no checkpoint, or none valid: the embedded model built once, before other ranks look
             resolve_model_path(cfg, layout, data.template, data.examples)
-    # Rank 0 verifies (hashes every file once); the other ranks take its choice.
-    resume_from = from_main(newest_valid_checkpoint(layout) if d.is_main else None, d)
+    # The other ranks take rank 0's choice, after it has built base_model.
+    resume_from = from_main(newest, d)
     return resume_from, check_resume(cfg, layout, resume_from, log.info) if resume_from else 0
 
 
