@@ -131,7 +131,8 @@ class TrainingConfig:
     """Examples per forward/backward pass when not packing; batch_size / micro_batch_size = accumulation steps."""
     micro_batch_tokens: int | None = None
     """Padding-free packing: each forward pass takes whole examples, in data order, concatenated up to this many
-    tokens (>= max_seq_len); attention never crosses examples. null = padded micro-batches of micro_batch_size.
+    tokens (>= max_seq_len), in as few passes as that allows, evened out; attention never crosses examples.
+    null = padded micro-batches of micro_batch_size.
     The global batch stays batch_size examples, with the same order and loss."""
     master_weights: bool = True
     """With bfloat16 on one process: AdamW updates fp32 master copies of the weights, and the model computes with

@@ -108,7 +108,8 @@ def test_an_engine_child_that_does_not_start_in_time_falls_back_to_in_process(gp
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0",
         },
     )
-    assert "vLLM's engine in a child process failed (did not start within 8s)" in proc.stdout
+    # a warning: on stderr (shared/logs.py), once
+    assert proc.stderr.count("vLLM's engine in a child process failed (did not start within 8s)") == 1, proc.stderr
     assert (tmp_path / "out" / "step_00000600.json").is_file()
 
 

@@ -25,8 +25,20 @@ def test_groups_keep_order_never_split_and_respect_the_budget():
     lengths = [5, 3, 4, 9, 2, 2, 1, 12, 3]
     groups = group_by_budget(lengths, 10)
     assert [i for g in groups for i in g] == list(range(len(lengths)))  # every example once, in order
-    assert groups == [[0, 1], [2], [3], [4, 5, 6], [7], [8]]  # 12 > 10 goes alone, never split
+    # filled in turn: [0, 1] [2] [3] [4, 5, 6] [7] [8]; the same 6 rows evened out: the longest is 7, not 8
+    assert groups == [[0], [1, 2], [3], [4, 5, 6], [7], [8]]  # 12 > 10 goes alone, never split
     assert all(sum(lengths[i] for i in g) <= 10 for g in groups if len(g) > 1)
+
+
+def test_rows_are_as_many_as_filling_makes_and_even_with_no_short_remainder():
+    # filling in turn makes a full row and a remainder of 1: [9] [1]; the same two rows, even: [6] [4]
+    assert group_by_budget([3, 3, 3, 1], 9) == [[0, 1], [2, 3]]
+    # a step of 32 examples of real SFT lengths (370 tokens each, one of 1,000) into 8,192-token rows
+    lengths = [370] * 20 + [1000] + [370] * 11
+    groups = group_by_budget(lengths, 8192)
+    rows = [sum(lengths[i] for i in g) for g in groups]
+    assert len(groups) == 2 and max(rows) <= 8192 and min(rows) >= sum(lengths) / 2 - 1000
+    assert [i for g in groups for i in g] == list(range(32)) and group_by_budget([], 8192) == []
 
 
 def test_packed_row_keeps_each_examples_own_pairs():
@@ -57,6 +69,25 @@ def test_chunked_log_probs_gradients_and_entropy_match_full_logits(compiled):
     assert torch.allclose(grads[0], hidden.grad, atol=1e-5) and torch.allclose(grads[1], weight.grad, atol=1e-5)
     probs = torch.softmax(logits, -1)
     assert torch.allclose(entropy.double(), -(probs * probs.log()).sum(-1), atol=1e-5)
+
+
+def test_the_compiled_head_compiles_one_graph_a_direction_whatever_the_row_count():
+    """Row counts whose last chunk differs, forward and backward: one graph for the log-probs, one for the
+    gradient, from the first call on (a recompilation costs seconds on a GPU, mid-run; BENCHMARKS.md, issue 23)."""
+    from torch._dynamo.utils import counters
+
+    import trainer.logprobs
+
+    torch._dynamo.reset()
+    trainer.logprobs._compiled.clear()
+    counters.clear()
+    torch.manual_seed(0)
+    for num_rows in (37, 29, 45, 21):
+        hidden = torch.randn(num_rows, 16, requires_grad=True)
+        weight = torch.randn(101, 16, requires_grad=True)
+        log_probs, _ = linear_log_probs(hidden, weight, torch.randint(0, 101, (num_rows,)), chunk_rows=8, compiled=True)
+        log_probs.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2 and counters["frames"]["total"] == 2, dict(counters["frames"])
 
 
 def test_the_fusable_gradient_of_the_compiled_head_is_the_eager_one():

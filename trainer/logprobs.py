@@ -53,11 +53,19 @@ def _elementwise(compiled: bool):
     if not compiled:
         return _chunk_stats, _chunk_grad
     if not _compiled:
-        # A shorter last chunk, a slice's storage offset and the entropy flag each recompile once (5 times in a
-        # 30-step run on an H200, in its first 10 steps); then one graph with dynamic rows serves every chunk.
-        _compiled["stats"] = torch.compile(_chunk_stats)
-        _compiled["grad"] = torch.compile(_chunk_grad_fusable)
+        # Rows dynamic from the first call: a chunk's row count changes (the last one is shorter), and a graph
+        # compiled static first is compiled again. With the slices at offset 0 (`_rows`) only the entropy flag
+        # gives a second graph, once (an H100, 30 steps of real lengths: 1 recompilation in all, where the
+        # static head and rows filled in turn gave 7; BENCHMARKS.md, issue 23).
+        _compiled["stats"] = torch.compile(_chunk_stats, dynamic=True)
+        _compiled["grad"] = torch.compile(_chunk_grad_fusable, dynamic=True)
     return _compiled["stats"], _compiled["grad"]
+
+
+def _rows(t: torch.Tensor, rows: slice, compiled: bool) -> torch.Tensor:
+    """t[rows]; for the compiled math a copy (a few KB) at storage offset 0: torch.compile specialises a slice's
+    offset (0 for the first chunk, not for the others) into two graphs."""
+    return t[rows].clone() if compiled else t[rows]
 
 
 class _ChunkedLinearLogProbs(torch.autograd.Function):
@@ -82,7 +90,9 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False), torch.profiler.record_function("lm_head"):
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                log_probs[rows], log_z[rows], chunk_entropy = stats(h[rows] @ w.T, labels[rows], with_entropy)
+                log_probs[rows], log_z[rows], chunk_entropy = stats(
+                    h[rows] @ w.T, _rows(labels, rows, compiled), with_entropy
+                )
                 if with_entropy:
                     entropy[rows] = chunk_entropy
         ctx.save_for_backward(h, weight, labels, log_z)
@@ -102,7 +112,9 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False), torch.profiler.record_function("lm_head_backward"):
             for start in range(0, h.shape[0], ctx.chunk_rows):
                 rows = slice(start, start + ctx.chunk_rows)
-                grad_logits = logits_grad(h[rows] @ w.T, labels[rows], log_z[rows], grad_log_probs[rows])
+                grad_logits = logits_grad(
+                    h[rows] @ w.T, *(_rows(t, rows, ctx.compiled) for t in (labels, log_z, grad_log_probs))
+                )
                 if grad_hidden is not None:
                     grad_hidden[rows] = grad_logits @ w
                 if grad_weight is not None:

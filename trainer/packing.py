@@ -1,8 +1,12 @@
 """Padding-free micro-batches: whole examples concatenated in one row, up to a token budget.
 
 Invariants:
-- An example is never split: a micro-batch holds whole examples, in the order of the data, and a new one
-  starts when the next example would pass `max_tokens` (an example longer than the budget goes alone).
+- An example is never split: a micro-batch holds whole examples, in the order of the data, within
+  `max_tokens` (an example longer than the budget goes alone).
+- A step's examples make as few rows as filling each row in turn makes, and those rows are as even as that
+  count allows (the longest as short as it can be): no short remainder row. Under torch.compile each new range
+  of row lengths recompiled the decoder layers mid-run (inductor guards on the row length); even rows keep a
+  run's rows in one range (BENCHMARKS.md, issue 23: 7 recompilations in 30 steps before, 1 after).
 - Each example keeps its own next-token pairs (inputs = tokens[:-1], labels = tokens[1:]), so no label is
   ever predicted across an example boundary; `position_ids` restart at 0 for each example and
   `cu_seq_lens` (cumulative lengths, int32, starting at 0) tell the attention where examples begin, so
@@ -30,7 +34,23 @@ def tokenize_examples(prompts: list[str], outputs: list[str], tokenizer, max_len
 
 
 def group_by_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of consecutive examples whose lengths sum to at most max_tokens (one alone if longer)."""
+    """Indices of consecutive examples in rows of at most max_tokens (one alone if longer): as many rows as
+    filling them in turn makes, under the smallest cap per row that keeps that count (a binary search)."""
+    if not lengths:
+        return []
+    num_rows = len(_fill_rows(lengths, max_tokens))
+    low, high = min(max_tokens, -(-sum(lengths) // num_rows)), max_tokens  # `high` always makes num_rows rows
+    while low < high:
+        cap = (low + high) // 2
+        if len(_fill_rows(lengths, cap)) <= num_rows:
+            high = cap
+        else:
+            low = cap + 1
+    return _fill_rows(lengths, high)
+
+
+def _fill_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of consecutive examples, each row filled in turn up to max_tokens (one alone if longer)."""
     groups: list[list[int]] = []
     used = max_tokens
     for i, n in enumerate(lengths):
