@@ -191,6 +191,13 @@ def trained_run(tmp_path_factory) -> Path:
     return root / "runs" / "tiny"
 
 
+def flip_byte(path: Path, index: int = -1) -> None:
+    """Corrupt a file in place: one byte inverted, so its content hash no longer matches its manifest."""
+    data = bytearray(path.read_bytes())
+    data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def rewind_copy(run: Path, dest: Path, to_step: int) -> Path:
     """Copy a finished run as if it had been stopped right after `to_step`'s checkpoint."""
     from shared.protocol import list_ready_checkpoints

@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, rewind_copy, run_service, service_env
+from conftest import REPO, TINY, flip_byte, rewind_copy, run_service, service_env
 from shared.protocol import RunLayout, list_ready_checkpoints, verify_checkpoint
 
 
@@ -154,17 +154,17 @@ def test_with_every_checkpoint_corrupt_and_no_base_model_the_run_starts_over_and
     sharded_run, tmp_path, make_config
 ):
     run = rewind_copy(sharded_run, tmp_path / "runs" / "tiny", to_step=2)
-    shutil.rmtree(RunLayout(run).base_model_dir)
-    for path in list_ready_checkpoints(run / "checkpoints").values():
-        weights = path / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    layout = RunLayout(run)
+    shutil.rmtree(layout.base_model_dir)
+    for path in list_ready_checkpoints(layout.checkpoints_dir).values():
+        flip_byte(path / "model.safetensors")
     out = torchrun(make_config())
     assert out.stderr.count("moved it aside to") == 2 and "resumed from" not in out.stdout
-    assert sorted(p.name for p in (run / "checkpoints").glob("corrupt_*")) == [
+    assert sorted(p.name for p in layout.checkpoints_dir.glob("corrupt_*")) == [
         "corrupt_step_00000000",
         "corrupt_step_00000002",
     ]
-    assert not RunLayout(run).tmp_base_model_dir.exists() and RunLayout(run).base_model_dir.is_dir()
+    assert not layout.tmp_base_model_dir.exists() and layout.base_model_dir.is_dir()
     started_over, straight = losses(run), losses(sharded_run)
     assert sorted(started_over) == sorted(straight)
     for step in straight:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ledger_of, publish_copy, run_service, start_service, wait_for
+from conftest import flip_byte, ledger_of, publish_copy, run_service, start_service, wait_for
 from shared.protocol import READY, RunLayout, Status
 
 
@@ -100,10 +100,7 @@ def test_duplicate_events_do_not_evaluate_twice(trained_run, tmp_path, evaluator
 def test_failed_verification_is_recorded_and_the_evaluator_goes_on(trained_run, tmp_path, evaluator):
     run = tmp_path / "runs" / "tiny"
     ckpt = publish_copy(RunLayout(trained_run).checkpoint_dir(2), run, 2)
-    weights = ckpt / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(ckpt / "model.safetensors", -5)
     proc = evaluator()
     wait_for(lambda: status_of(run, 2) == Status.FAILED, 60, "step 2 failed")
     assert "content hash mismatch" in ledger_of(run)[2]["reason"]

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, rewind_copy, run_service, service_env, start_service, start_trainer_saving, wait_for
+from conftest import (
+    REPO,
+    flip_byte,
+    rewind_copy,
+    run_service,
+    service_env,
+    start_service,
+    start_trainer_saving,
+    wait_for,
+)
 from shared.protocol import (
     READY,
     Ledger,
@@ -338,10 +347,7 @@ def test_resume_refuses_changes_to_the_past_and_states_extensions(trained_run, t
 
 
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_step_trained_again(run_copy, make_config):
-    weights = run_copy / "checkpoints" / "step_00000006" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(run_copy / "checkpoints" / "step_00000006" / "model.safetensors")
     proc = run_service("trainer", "--config", make_config())
     assert "moved it aside to" in proc.stderr and "corrupt_step_00000006" in proc.stderr
     assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
